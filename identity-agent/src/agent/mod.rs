@@ -1,0 +1,1 @@
+//! The node identity agent (stub).

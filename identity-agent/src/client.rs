@@ -1,0 +1,1 @@
+//! Workload API client (stub).

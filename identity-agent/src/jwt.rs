@@ -1,0 +1,1 @@
+//! JWT-SVIDs (stub).

@@ -1,0 +1,1 @@
+//! rustls verifiers and config builders (stub).

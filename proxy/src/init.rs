@@ -1,0 +1,1 @@
+//! `svidcar init`: interception rules (stub).

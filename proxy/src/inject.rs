@@ -1,0 +1,1 @@
+//! `svidcar inject`: Kubernetes sidecar injection (stub).

@@ -1,0 +1,1 @@
+//! The authorization policy engine (stub).

@@ -1,0 +1,5 @@
+//! One file per subcommand; each exposes a clap `…Cmd` with `fn run(self) -> Result<ExitCode>`.
+pub mod agent;
+pub mod demo;
+pub mod policy;
+pub mod proxy;
