@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one test command (README, second line). It installs what is missing, then runs every test:
+# formatting, clippy, unit, integration and end-to-end tests (real agent, real sidecars, real
+# curl/openssl/nginx/py-spiffe peers, real iptables/nftables in network namespaces).
+# CI (.ci/run) runs exactly this, as root, with CI=true: a test whose tool or privilege is
+# missing then fails with a clear message instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+say() { printf '\n== %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------------------------
+need_pkgs=()
+for tool_pkg in iptables:iptables nft:nftables ip:iproute2 nginx:nginx curl:curl openssl:openssl \
+                tcpdump:tcpdump socat:socat; do
+  tool=${tool_pkg%%:*}; pkg=${tool_pkg#*:}
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need_pkgs+=("$pkg")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq </dev/null
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" </dev/null >/dev/null
+  else
+    echo "warning: missing packages ${need_pkgs[*]} (run as root to install them); tests needing them will say so" >&2
+  fi
+fi
+# nginx from Debian starts a service on install; our tests start their own instances.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop nginx >/dev/null 2>&1 || true; fi
+pkill -x nginx >/dev/null 2>&1 || true
+
+# --- python peers (py-spiffe, kubernetes-validate) in a venv ---------------------------------
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe' >/dev/null 2>&1 \
+   || [ ! -x .venv/bin/kubernetes-validate ]; then
+  say "creating .venv with py-spiffe and kubernetes-validate"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt </dev/null
+fi
+
+# --- rust -------------------------------------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo test"
+cargo test --workspace --all-targets --locked -- --test-threads=2
