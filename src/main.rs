@@ -40,6 +40,10 @@ enum Command {
     /// Start an agent, two sidecars and two sample apps on loopback and show an allowed and a
     /// denied call.
     Demo(cli::demo::DemoCmd),
+    /// Install, print or remove the pod's traffic interception rules (iptables or nftables).
+    Init(cli::init::InitCmd),
+    /// Add the svidcar sidecar to Kubernetes manifests, or serve that as a mutating webhook.
+    Inject(cli::inject::InjectCmd),
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
@@ -61,6 +65,8 @@ fn main() -> ExitCode {
         Command::Proxy(cmd) => cmd.run(),
         Command::Policy(cmd) => cmd.run(),
         Command::Demo(cmd) => cmd.run(),
+        Command::Init(cmd) => cmd.run(),
+        Command::Inject(cmd) => cmd.run(),
     };
     match result {
         Ok(code) => code,

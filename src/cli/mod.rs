@@ -1,5 +1,7 @@
 //! One file per subcommand; each exposes a clap `…Cmd` with `fn run(self) -> Result<ExitCode>`.
 pub mod agent;
 pub mod demo;
+pub mod init;
+pub mod inject;
 pub mod policy;
 pub mod proxy;
