@@ -90,8 +90,16 @@ impl std::fmt::Debug for JwtSigner {
 }
 
 impl JwtSigner {
+    /// Generates a new P-256 key with a random key id (32 hex digits).
+    pub fn generate() -> Result<Self, JwtError> {
+        let mut raw = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut raw)
+            .map_err(|_| JwtError::Signing("random key id generation failed".into()))?;
+        Self::generate_with_kid(raw.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
     /// Generates a new P-256 key with key id `kid`.
-    pub fn generate(kid: impl Into<String>) -> Result<Self, JwtError> {
+    pub fn generate_with_kid(kid: impl Into<String>) -> Result<Self, JwtError> {
         let key = EcdsaKeyPair::generate(&sig::ECDSA_P256_SHA256_FIXED_SIGNING)
             .map_err(|_| JwtError::Signing("P-256 key generation failed".into()))?;
         Ok(Self {
@@ -124,26 +132,20 @@ impl JwtSigner {
         &self.kid
     }
 
-    /// The public key as an EC JWK with `kid` (`kty`, `crv`, `x`, `y`, `kid`).
-    pub fn public_jwk(&self) -> Value {
+    /// The public key as a bundle entry: an EC JWK with `kid` (`kty`, `crv`, `x`, `y`, `kid`),
+    /// ready for [`crate::bundle::Bundle::add_jwt_key`] or `jwt_authorities.insert(kid, ..)`.
+    pub fn public_jwk(&self) -> JwtKey {
         // Uncompressed point: 0x04 || x (32 bytes) || y (32 bytes).
         let point = self.key.public_key().as_ref();
-        let (x, y) = point
-            .get(1..)
-            .unwrap_or_default()
-            .split_at(point.len().saturating_sub(1) / 2);
-        json!({
+        let coords = point.get(1..).unwrap_or_default();
+        let (x, y) = coords.split_at(coords.len() / 2);
+        JwtKey::new(json!({
             "kty": "EC",
             "crv": "P-256",
             "x": URL_SAFE_NO_PAD.encode(x),
             "y": URL_SAFE_NO_PAD.encode(y),
             "kid": self.kid,
-        })
-    }
-
-    /// The public key as a bundle entry (see [`crate::bundle::Bundle::add_jwt_key`]).
-    pub fn jwt_key(&self) -> JwtKey {
-        JwtKey::new(self.public_jwk())
+        }))
     }
 
     /// Signs a JWT-SVID for `sub` valid for `audiences` (at least one) from now for `ttl`.

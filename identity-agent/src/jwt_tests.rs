@@ -14,9 +14,9 @@ const SUB: &str = "spiffe://example.org/ns/a/sa/b";
 const AUD: &str = "svc-b";
 
 fn setup() -> (JwtSigner, BundleSet) {
-    let signer = JwtSigner::generate("key-1").expect("key");
+    let signer = JwtSigner::generate_with_kid("key-1").expect("key");
     let mut bundle = Bundle::new(TrustDomain::parse("example.org").expect("td"));
-    assert!(bundle.add_jwt_key(signer.jwt_key()));
+    assert!(bundle.add_jwt_key(signer.public_jwk()));
     let mut set = BundleSet::new();
     set.insert(bundle);
     (signer, set)
@@ -75,7 +75,7 @@ fn signed_token_validates() {
 #[test]
 fn public_jwk_is_an_ec_jwk_with_kid() {
     let (signer, _) = setup();
-    let jwk = signer.public_jwk();
+    let jwk = signer.public_jwk().jwk;
     assert_eq!(jwk["kty"], "EC");
     assert_eq!(jwk["crv"], "P-256");
     assert_eq!(jwk["kid"], "key-1");
@@ -87,7 +87,7 @@ fn public_jwk_is_an_ec_jwk_with_kid() {
     }
     // The JWK survives a bundle JWKS round trip and still verifies.
     let mut bundle = Bundle::new(TrustDomain::parse("example.org").expect("td"));
-    bundle.add_jwt_key(signer.jwt_key());
+    bundle.add_jwt_key(signer.public_jwk());
     let back = Bundle::from_jwks(bundle.trust_domain.clone(), &bundle.to_jwks()).expect("jwks");
     let mut set = BundleSet::new();
     set.insert(back);
@@ -97,8 +97,11 @@ fn public_jwk_is_an_ec_jwk_with_kid() {
     check(&token, &set).expect("valid after round trip");
     // The key survives PKCS#8 persistence.
     let again = JwtSigner::from_pkcs8("key-1", &signer.to_pkcs8().expect("pkcs8")).expect("load");
-    assert_eq!(again.public_jwk(), jwk);
+    assert_eq!(again.public_jwk().jwk, jwk);
     assert!(!format!("{signer:?}").contains("key:"));
+    let random = JwtSigner::generate().expect("key");
+    assert_eq!(random.kid().len(), 32);
+    assert_ne!(random.kid(), JwtSigner::generate().expect("key").kid());
 }
 
 #[test]
@@ -196,7 +199,7 @@ fn missing_kid_rejected() {
 fn bad_signature_rejected() {
     let (signer, bundles) = setup();
     // Same kid, different key.
-    let impostor = JwtSigner::generate("key-1").expect("key");
+    let impostor = JwtSigner::generate_with_kid("key-1").expect("key");
     let token = impostor
         .sign(&sub(), &[AUD.to_string()], Duration::from_secs(60))
         .expect("sign");
