@@ -129,7 +129,9 @@ impl Bundle {
     }
 
     /// Serializes as a SPIFFE bundle (JWKS JSON). X.509 authorities whose public key type
-    /// cannot be expressed as a JWK are written with `x5c` and `kty` only.
+    /// cannot be expressed as a JWK are written with `use` and `x5c` only. Serve
+    /// [`Bundle::jwt_jwks`] (not this) on `FetchJWTBundles`: JWT bundle parsers require a `kid`
+    /// on every key.
     pub fn to_jwks(&self) -> Vec<u8> {
         let mut keys = Vec::new();
         for cert in &self.x509_authorities {
@@ -151,6 +153,36 @@ impl Bundle {
             doc.insert("spiffe_refresh_hint".into(), json!(hint.as_secs()));
         }
         serde_json::to_vec(&Value::Object(doc)).unwrap_or_default()
+    }
+
+    /// Parses a plain JWT bundle (JWKS of `FetchJWTBundles`, as go-spiffe/SPIRE emit it: keys may
+    /// lack `use`). Keys with no `use` or `use` = `jwt-svid` are JWT authorities (a `kid` is
+    /// required); keys with another `use` are ignored. The result has no X.509 authorities.
+    pub fn from_jwt_jwks(td: TrustDomain, json: &[u8]) -> Result<Self, BundleError> {
+        let doc: Value =
+            serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
+        let keys = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| BundleError::Json("\"keys\" array is missing".into()))?;
+        let mut bundle = Bundle::new(td);
+        for (index, key) in keys.iter().enumerate() {
+            let bad = |reason: String| BundleError::BadKey { index, reason };
+            let key = key
+                .as_object()
+                .ok_or_else(|| bad("not a JSON object".into()))?;
+            if !matches!(
+                key.get("use").and_then(Value::as_str),
+                None | Some("jwt-svid")
+            ) {
+                continue;
+            }
+            let kid = check_jwt_key(key).map_err(bad)?;
+            bundle
+                .jwt_authorities
+                .insert(kid, JwtKey::new(Value::Object(key.clone())));
+        }
+        Ok(bundle)
     }
 
     /// Parses concatenated DER certificates (Workload API `bundle` / `bundles` values).

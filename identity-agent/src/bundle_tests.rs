@@ -203,3 +203,24 @@ fn jwt_only_jwks() {
     assert_eq!(keys.len(), 2);
     assert!(keys.iter().all(|k| k["use"] == "jwt-svid"));
 }
+
+#[test]
+fn plain_jwt_jwks_without_use() {
+    // go-spiffe / SPIRE JWT bundles: no "use", kid on every key.
+    let doc = json!({"keys": [ec_jwk("a"), {"use": "x509-svid", "x5c": []}]}).to_string();
+    let b = Bundle::from_jwt_jwks(td(), doc.as_bytes()).expect("valid");
+    assert_eq!(b.jwt_authorities.keys().collect::<Vec<_>>(), ["a"]);
+    assert!(b.x509_authorities.is_empty());
+    let doc = json!({"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}).to_string();
+    assert!(matches!(
+        Bundle::from_jwt_jwks(td(), doc.as_bytes()),
+        Err(BundleError::BadKey { index: 0, .. })
+    ));
+    // Our own jwt_jwks output parses back.
+    let back = Bundle::from_jwt_jwks(td(), &sample().jwt_jwks()).expect("valid");
+    assert_eq!(
+        back.jwt_authorities.keys().collect::<Vec<_>>(),
+        ["k1", "k2"]
+    );
+    assert_eq!(back.jwt_authorities["k1"].jwk["x"], ec_jwk("k1")["x"]);
+}

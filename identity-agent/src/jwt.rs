@@ -133,7 +133,7 @@ impl JwtSigner {
     }
 
     /// The public key as a bundle entry: an EC JWK with `kid` (`kty`, `crv`, `x`, `y`, `kid`),
-    /// ready for [`crate::bundle::Bundle::add_jwt_key`] or `jwt_authorities.insert(kid, ..)`.
+    /// ready for [`crate::bundle::Bundle::add_jwt_key`]; the JSON is its `jwk` field.
     pub fn public_jwk(&self) -> JwtKey {
         // Uncompressed point: 0x04 || x (32 bytes) || y (32 bytes).
         let point = self.key.public_key().as_ref();
@@ -146,6 +146,11 @@ impl JwtSigner {
             "y": URL_SAFE_NO_PAD.encode(y),
             "kid": self.kid,
         }))
+    }
+
+    /// Same as [`JwtSigner::public_jwk`] (kept as an alias).
+    pub fn jwt_key(&self) -> JwtKey {
+        self.public_jwk()
     }
 
     /// Signs a JWT-SVID for `sub` valid for `audiences` (at least one) from now for `ttl`.

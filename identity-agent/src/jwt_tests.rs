@@ -16,7 +16,7 @@ const AUD: &str = "svc-b";
 fn setup() -> (JwtSigner, BundleSet) {
     let signer = JwtSigner::generate_with_kid("key-1").expect("key");
     let mut bundle = Bundle::new(TrustDomain::parse("example.org").expect("td"));
-    assert!(bundle.add_jwt_key(signer.public_jwk()));
+    assert!(bundle.add_jwt_key(signer.jwt_key()));
     let mut set = BundleSet::new();
     set.insert(bundle);
     (signer, set)
@@ -87,7 +87,7 @@ fn public_jwk_is_an_ec_jwk_with_kid() {
     }
     // The JWK survives a bundle JWKS round trip and still verifies.
     let mut bundle = Bundle::new(TrustDomain::parse("example.org").expect("td"));
-    bundle.add_jwt_key(signer.public_jwk());
+    bundle.add_jwt_key(signer.jwt_key());
     let back = Bundle::from_jwks(bundle.trust_domain.clone(), &bundle.to_jwks()).expect("jwks");
     let mut set = BundleSet::new();
     set.insert(back);
