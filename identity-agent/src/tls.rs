@@ -1,1 +1,365 @@
-//! rustls verifiers and config builders (stub).
+//! rustls verifiers and config builders for SPIFFE mTLS.
+//!
+//! - [`SpiffeServerVerifier`] (outbound, client side): verifies the server's chain with
+//!   [`svid::verify_chain`] against the bundle of the server's own trust domain, then checks the
+//!   server's SPIFFE ID against the [`ExpectedPeer`] (an exact ID or any ID of a trust domain).
+//! - [`SpiffeClientVerifier`] (inbound, server side): a client certificate is mandatory; the chain
+//!   is verified the same way and any ID whose trust domain has a bundle is accepted —
+//!   authorization is the policy's job, not the handshake's.
+//! - [`server_config`] / [`client_config`]: TLS 1.3 only, ALPN [`ALPN_SVIDCAR`], session
+//!   resumption (server session cache + tickets, client resumption store), signatures verified
+//!   with the aws-lc-rs provider.
+//! - [`peer_spiffe_id`]: the SPIFFE ID of the peer of an established connection.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientSessionStore, Resumption};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ProducesTickets, StoresServerSessions};
+use rustls::{
+    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
+    OtherError, ServerConfig, SignatureScheme,
+};
+
+use crate::bundle::BundleSet;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::svid::{self, SvidError, X509Svid};
+
+/// The ALPN protocol id spoken between svidcar proxies.
+pub const ALPN_SVIDCAR: &[u8] = b"svidcar/1";
+
+/// Why a TLS config could not be built or a peer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the configuration (bad key, unsupported versions, ...).
+    #[error("TLS configuration error: {0}")]
+    Config(#[from] rustls::Error),
+    /// The server presented a valid SVID with an unexpected identity.
+    #[error("server presented {actual}, expected {expected}")]
+    UnexpectedPeer {
+        /// What we wanted.
+        expected: ExpectedPeer,
+        /// What the server showed.
+        actual: SpiffeId,
+    },
+    /// The peer's chain is not a valid SVID for any trust domain we hold a bundle for.
+    #[error("peer certificate rejected: {0}")]
+    Svid(#[from] SvidError),
+}
+
+/// The identity an outbound connection expects the server to present.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ExpectedPeer {
+    /// Exactly this SPIFFE ID.
+    Id(SpiffeId),
+    /// Any SPIFFE ID of this trust domain.
+    TrustDomain(TrustDomain),
+}
+
+impl ExpectedPeer {
+    /// Parses `spiffe://td/path` (exact ID) or `td` / `spiffe://td` (any ID of the trust domain).
+    pub fn parse(s: &str) -> Result<Self, crate::spiffe_id::SpiffeIdError> {
+        let s = s.trim();
+        let rest = s.strip_prefix("spiffe://").unwrap_or(s);
+        if rest.contains('/') && !rest.ends_with('/') {
+            SpiffeId::parse(s).map(Self::Id)
+        } else {
+            TrustDomain::parse(rest.trim_end_matches('/')).map(Self::TrustDomain)
+        }
+    }
+
+    /// True when `id` satisfies this expectation.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Id(want) => want == id,
+            Self::TrustDomain(td) => id.trust_domain_name() == td.name(),
+        }
+    }
+}
+
+impl fmt::Display for ExpectedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Id(id) => write!(f, "{id}"),
+            Self::TrustDomain(td) => write!(f, "any ID of trust domain {}", td.name()),
+        }
+    }
+}
+
+/// The crypto provider used everywhere: aws-lc-rs.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+}
+
+fn cert_error(e: TlsError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+fn verify_peer(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundles: &BundleSet,
+    now: UnixTime,
+    role: svid::PeerRole,
+) -> Result<SpiffeId, SvidError> {
+    let mut chain = Vec::with_capacity(1 + intermediates.len());
+    chain.push(end_entity.clone());
+    chain.extend(intermediates.iter().cloned());
+    svid::verify_chain_for(&chain, bundles, now, role)
+}
+
+/// Outbound verifier: SPIFFE chain validation plus the expected server identity.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundles: Arc<BundleSet>,
+    expected: ExpectedPeer,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier that accepts only servers presenting an SVID matching `expected`.
+    pub fn new(bundles: Arc<BundleSet>, expected: ExpectedPeer) -> Self {
+        Self {
+            bundles,
+            expected,
+            algs: algorithms(),
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            now,
+            svid::PeerRole::Server,
+        )
+        .map_err(|e| cert_error(TlsError::Svid(e)))?;
+        if !self.expected.matches(&id) {
+            return Err(cert_error(TlsError::UnexpectedPeer {
+                expected: self.expected.clone(),
+                actual: id,
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "TLS 1.2 is not supported by svidcar".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Inbound verifier: a client SVID is mandatory and must chain to the bundle of its own trust
+/// domain. Which IDs may talk to us is decided later by the authorizer.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundles: Arc<BundleSet>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeClientVerifier {
+    /// A verifier accepting any valid SVID of a trust domain present in `bundles`.
+    pub fn new(bundles: Arc<BundleSet>) -> Self {
+        Self {
+            bundles,
+            algs: algorithms(),
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            now,
+            svid::PeerRole::Client,
+        )
+        .map_err(|e| cert_error(TlsError::Svid(e)))?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "TLS 1.2 is not supported by svidcar".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Resumption state that outlives one SVID: kept across rotations so that a rotation does not
+/// force every peer back to a full handshake.
+#[derive(Clone)]
+pub struct ServerResumption {
+    /// Stateful TLS 1.3 session cache.
+    pub cache: Arc<dyn StoresServerSessions>,
+    /// Stateless tickets (keys rotate inside the ticketer).
+    pub ticketer: Arc<dyn ProducesTickets>,
+}
+
+impl fmt::Debug for ServerResumption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerResumption").finish_non_exhaustive()
+    }
+}
+
+impl ServerResumption {
+    /// A session cache of `capacity` entries and an aws-lc-rs ticketer.
+    pub fn new(capacity: usize) -> Result<Self, TlsError> {
+        Ok(Self {
+            cache: rustls::server::ServerSessionMemoryCache::new(capacity),
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+        })
+    }
+}
+
+/// Builds the inbound (server) config: our SVID, mandatory SPIFFE client auth, TLS 1.3,
+/// ALPN `svidcar/1`, session resumption.
+pub fn server_config(
+    svid: &X509Svid,
+    bundles: Arc<BundleSet>,
+    resumption: &ServerResumption,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles)))
+        .with_single_cert(svid.chain.clone(), svid.private_key())?;
+    config.alpn_protocols = vec![ALPN_SVIDCAR.to_vec()];
+    config.session_storage = resumption.cache.clone();
+    config.ticketer = resumption.ticketer.clone();
+    Ok(Arc::new(config))
+}
+
+/// A client resumption store (one per expected peer, so that a resumed session can never skip
+/// the identity check of another route).
+pub fn client_session_store(capacity: usize) -> Arc<dyn ClientSessionStore> {
+    Arc::new(rustls::client::ClientSessionMemoryCache::new(capacity))
+}
+
+/// Builds an outbound (client) config: our SVID as client certificate, the server must present
+/// an SVID matching `expected`; TLS 1.3, ALPN `svidcar/1`, resumption through `store`.
+pub fn client_config(
+    svid: &X509Svid,
+    bundles: Arc<BundleSet>,
+    expected: ExpectedPeer,
+    store: Arc<dyn ClientSessionStore>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, expected)))
+        .with_client_auth_cert(svid.chain.clone(), svid.private_key())?;
+    config.alpn_protocols = vec![ALPN_SVIDCAR.to_vec()];
+    config.resumption = Resumption::store(store);
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE ID of the peer of an established connection (its leaf's URI SAN), if the peer
+/// presented a certificate. The chain was verified during the handshake.
+pub fn peer_spiffe_id(conn: &CommonState) -> Option<SpiffeId> {
+    let leaf = conn.peer_certificates()?.first()?;
+    svid::check_leaf(leaf.as_ref()).ok()
+}
+
+/// A readable reason for a failed handshake (for logs and metric labels): a short, stable
+/// `label` and the full message.
+pub fn classify_handshake_error(err: &std::io::Error) -> (&'static str, String) {
+    let msg = err.to_string();
+    let inner = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    let label = match inner {
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) => {
+            match o.0.downcast_ref::<TlsError>() {
+                Some(TlsError::UnexpectedPeer { .. }) => "unexpected_peer_id",
+                Some(TlsError::Svid(SvidError::UnknownTrustDomain(_))) => "unknown_trust_domain",
+                Some(TlsError::Svid(SvidError::Expired)) => "certificate_expired",
+                Some(TlsError::Svid(SvidError::Untrusted(..))) => "untrusted_chain",
+                Some(_) => "invalid_svid",
+                None => "invalid_certificate",
+            }
+        }
+        Some(rustls::Error::InvalidCertificate(_)) => "invalid_certificate",
+        Some(rustls::Error::AlertReceived(_)) => "alert_received",
+        Some(rustls::Error::PeerIncompatible(_)) => "peer_incompatible",
+        Some(rustls::Error::NoApplicationProtocol) => "no_application_protocol",
+        Some(_) => "tls_error",
+        None if err.kind() == std::io::ErrorKind::UnexpectedEof => "peer_closed",
+        None if err.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        None => "io_error",
+    };
+    (label, msg)
+}

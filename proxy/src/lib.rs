@@ -1,6 +1,26 @@
 //! The svidcar sidecar proxy: inbound and outbound mTLS, egress, the policy engine, the hot path,
 //! admin endpoints, traffic interception (`init`) and Kubernetes injection (`inject`).
+//!
+//! `unsafe` is denied everywhere except [`sys`] (documented `getsockopt`/`splice` wrappers).
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod authz;
+pub mod config;
+pub mod context;
+pub mod copy;
+pub mod credentials;
+pub mod detect;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod server;
+pub mod sys;
 
 pub mod init;
 pub mod inject;
 pub mod policy;
+
+pub use authz::{Authorizer, ConnAttrs, DefaultAuthorizer, Verdict};
+pub use config::ProxyConfig;
+pub use server::{shutdown_signal, Proxy};

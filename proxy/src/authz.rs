@@ -1,0 +1,111 @@
+//! The authorization seam of the data plane: every inbound connection is decided here after the
+//! handshake and before any byte is forwarded in either direction.
+//!
+//! [`Authorizer`] is the interface; [`DefaultAuthorizer`] is the built-in posture of POLICY.md
+//! §9 used when no policy path is configured: admit authenticated peers of our own trust domain,
+//! refuse other trust domains; plaintext (which only reaches the authorizer on ports marked
+//! permissive) is admitted as unauthenticated. The policy engine plugs in by implementing
+//! [`Authorizer`] over `CompiledPolicy::decide`.
+
+use std::net::SocketAddr;
+
+use svidcar_agent::SpiffeId;
+
+/// Everything known about an inbound connection when it is decided (L4).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnAttrs<'a> {
+    /// The peer's verified SPIFFE ID; `None` for plaintext (unauthenticated) connections.
+    pub peer: Option<&'a SpiffeId>,
+    /// Our own SPIFFE ID (the SVID currently served).
+    pub own: &'a SpiffeId,
+    /// The connecting socket address.
+    pub src: SocketAddr,
+    /// The destination as the peer saw it (original destination in transparent mode, the
+    /// listener address in explicit mode).
+    pub dst: SocketAddr,
+    /// The application port the connection will be forwarded to.
+    pub app_port: u16,
+    /// True when the connection is mTLS.
+    pub tls: bool,
+}
+
+/// An authorization decision with the rule (or default) that made it, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Forward the connection?
+    pub allow: bool,
+    /// `<policy>/rules[<i>]` or `default:<...>`.
+    pub rule: String,
+}
+
+impl Verdict {
+    /// An allow by `rule`.
+    pub fn allow(rule: impl Into<String>) -> Self {
+        Self {
+            allow: true,
+            rule: rule.into(),
+        }
+    }
+    /// A deny by `rule`.
+    pub fn deny(rule: impl Into<String>) -> Self {
+        Self {
+            allow: false,
+            rule: rule.into(),
+        }
+    }
+}
+
+/// Decides inbound connections. Implementations must be cheap: this runs once per connection
+/// on the data-plane runtime.
+pub trait Authorizer: Send + Sync + 'static {
+    /// Decides an inbound connection.
+    fn authorize_inbound(&self, conn: &ConnAttrs<'_>) -> Verdict;
+    /// One line for the startup log saying which policy is in force.
+    fn describe(&self) -> String;
+}
+
+/// The built-in posture when no policy is configured (POLICY.md §9).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultAuthorizer;
+
+impl Authorizer for DefaultAuthorizer {
+    fn authorize_inbound(&self, conn: &ConnAttrs<'_>) -> Verdict {
+        match conn.peer {
+            Some(peer) if peer.trust_domain_name() == conn.own.trust_domain_name() => {
+                Verdict::allow("default:own-trust-domain")
+            }
+            Some(_) => Verdict::deny("default:foreign-trust-domain"),
+            None => Verdict::allow("default:permissive-plaintext"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        "no policy configured: the built-in policy is in force (inbound admits authenticated peers \
+         of our own trust domain; plaintext only on permissive ports)"
+            .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_admits_own_trust_domain_only() {
+        let own = SpiffeId::parse("spiffe://a.org/me").unwrap();
+        let same = SpiffeId::parse("spiffe://a.org/you").unwrap();
+        let other = SpiffeId::parse("spiffe://b.org/you").unwrap();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mk = |peer| ConnAttrs {
+            peer,
+            own: &own,
+            src: addr,
+            dst: addr,
+            app_port: 1,
+            tls: true,
+        };
+        assert!(DefaultAuthorizer.authorize_inbound(&mk(Some(&same))).allow);
+        assert!(!DefaultAuthorizer.authorize_inbound(&mk(Some(&other))).allow);
+        assert!(DefaultAuthorizer.authorize_inbound(&mk(None)).allow);
+    }
+}

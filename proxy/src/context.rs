@@ -1,0 +1,157 @@
+//! What every connection handler needs: credentials, the authorizer, metrics, limits, the
+//! connection limit and the shutdown signal; and the access log record of one connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use svidcar_agent::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::authz::Authorizer;
+use crate::config::Limits;
+use crate::copy::{CopyEnd, CopyStats};
+use crate::credentials::Credentials;
+use crate::metrics::Metrics;
+
+/// Shared state of the data plane.
+pub struct ProxyContext {
+    /// The live SVID and configs.
+    pub creds: Arc<Credentials>,
+    /// Inbound authorization.
+    pub authz: Arc<dyn Authorizer>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Timeouts and limits.
+    pub limits: Limits,
+    /// One permit per open connection.
+    pub conns: Arc<Semaphore>,
+    /// Becomes `true` when the proxy drains: listeners stop accepting.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl ProxyContext {
+    /// Accepts connections on `listener` until shutdown, enforcing the connection limit, and
+    /// spawns `handle` for each.
+    pub async fn accept_loop<F, Fut>(
+        self: Arc<Self>,
+        listener: TcpListener,
+        direction: &'static str,
+        handle: F,
+    ) where
+        F: Fn(Arc<Self>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(direction, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let permit = match self.conns.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    self.metrics.overloaded.inc();
+                    self.metrics.connection(direction, "overloaded");
+                    tracing::warn!(target: "access", direction, src = %peer, outcome = "refused", reason = "connection limit reached");
+                    reset(stream);
+                    continue;
+                }
+            };
+            tokio::spawn(handle(self.clone(), stream, peer, permit));
+        }
+    }
+}
+
+/// Closes with a TCP RST (SO_LINGER 0) instead of a FIN: an explicit refusal.
+pub fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// One access log line (target `access`) and the matching metrics for a connection.
+pub struct Access {
+    /// `inbound` | `outbound` | `egress`.
+    pub direction: &'static str,
+    /// Connecting side.
+    pub src: SocketAddr,
+    /// Destination (listener, original destination or upstream).
+    pub dst: String,
+    /// The peer's SPIFFE ID (inbound: the client; outbound: the server).
+    pub peer_id: Option<SpiffeId>,
+    /// Our ID.
+    pub own_id: Option<SpiffeId>,
+    /// Rule or default that decided, if any.
+    pub rule: Option<String>,
+    /// When the connection was accepted.
+    pub start: Instant,
+}
+
+impl Access {
+    /// Starts a record.
+    pub fn new(direction: &'static str, src: SocketAddr, dst: String) -> Self {
+        Self {
+            direction,
+            src,
+            dst,
+            peer_id: None,
+            own_id: None,
+            rule: None,
+            start: Instant::now(),
+        }
+    }
+
+    /// Logs a connection that was refused or failed before any byte was forwarded.
+    pub fn refused(&self, metrics: &Metrics, outcome: &'static str, reason: &str) {
+        metrics.connection(self.direction, outcome);
+        tracing::warn!(
+            target: "access",
+            direction = self.direction,
+            src = %self.src,
+            dst = %self.dst,
+            peer_id = self.peer_id.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+            own_id = self.own_id.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+            rule = self.rule.as_deref().unwrap_or("-"),
+            outcome,
+            reason,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            "connection refused"
+        );
+    }
+
+    /// Logs a proxied connection when it ends (`rx` = bytes from the connecting side).
+    pub fn finished(&self, metrics: &Metrics, stats: &CopyStats) {
+        metrics.connection(self.direction, "allowed");
+        metrics.add_bytes(self.direction, stats.a_to_b, stats.b_to_a);
+        let end = match &stats.end {
+            CopyEnd::Closed => "closed".to_string(),
+            CopyEnd::IdleTimeout => "idle timeout".to_string(),
+            CopyEnd::Error(e) => format!("error: {e}"),
+        };
+        tracing::info!(
+            target: "access",
+            direction = self.direction,
+            src = %self.src,
+            dst = %self.dst,
+            peer_id = self.peer_id.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+            own_id = self.own_id.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+            rule = self.rule.as_deref().unwrap_or("-"),
+            outcome = "allowed",
+            bytes_rx = stats.a_to_b,
+            bytes_tx = stats.b_to_a,
+            end = %end,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            "connection"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Inbound: peers → this proxy → the local application.
+//!
+//! One connection, in phases (everything that can refuse happens before a byte is forwarded):
+//! 1. target: the app port and the port's mode (explicit listener, or the original destination
+//!    of a redirected socket in transparent mode);
+//! 2. detect mesh TLS vs plaintext by peeking; plaintext on a `strict` port is reset;
+//! 3. mTLS handshake (with a timeout) on the current credentials; the peer's SPIFFE ID;
+//! 4. authorization ([`crate::authz::Authorizer`]); denied → TCP RST;
+//! 5. connect to `127.0.0.1:<app port>` and copy both ways.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsAcceptor;
+
+use crate::authz::ConnAttrs;
+use crate::config::InboundMode;
+use crate::context::{reset, Access, ProxyContext};
+use crate::copy;
+use crate::detect::{detect, Detected};
+
+/// How long a permissive port waits for a first byte before treating the connection as a
+/// server-first plaintext protocol.
+const PERMISSIVE_DETECT_WAIT: Duration = Duration::from_millis(500);
+
+const DIR: &str = "inbound";
+
+/// Where an inbound listener forwards.
+#[derive(Debug, Clone)]
+pub enum InboundTarget {
+    /// Explicit listener: always this app port and mode.
+    Explicit {
+        /// App port on loopback.
+        app_port: u16,
+        /// strict | permissive.
+        mode: InboundMode,
+    },
+    /// Transparent listener: app port = original destination port.
+    Transparent {
+        /// Per-port modes.
+        ports: BTreeMap<u16, InboundMode>,
+        /// Mode of unlisted ports.
+        default_mode: InboundMode,
+    },
+}
+
+impl InboundTarget {
+    /// (destination as the peer saw it, app port, mode) for an accepted socket.
+    fn resolve(&self, stream: &TcpStream) -> std::io::Result<(SocketAddr, u16, InboundMode)> {
+        match self {
+            Self::Explicit { app_port, mode } => Ok((stream.local_addr()?, *app_port, *mode)),
+            Self::Transparent {
+                ports,
+                default_mode,
+            } => {
+                let local = stream.local_addr()?;
+                let dst = crate::sys::original_dst(stream, local.is_ipv6())?;
+                let mode = ports.get(&dst.port()).copied().unwrap_or(*default_mode);
+                Ok((dst, dst.port(), mode))
+            }
+        }
+    }
+}
+
+/// Handles one accepted inbound connection to the end.
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    target: Arc<InboundTarget>,
+    stream: TcpStream,
+    src: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let (dst, app_port, mode) = match target.resolve(&stream) {
+        Ok(t) => t,
+        Err(e) => {
+            let a = Access::new(DIR, src, "?".into());
+            a.refused(
+                &ctx.metrics,
+                "no_original_destination",
+                &format!("cannot read the original destination: {e}"),
+            );
+            return reset(stream);
+        }
+    };
+    let mut access = Access::new(DIR, src, dst.to_string());
+
+    // Phase 2: detection.
+    let wait = match mode {
+        InboundMode::Strict => ctx.limits.handshake_timeout.0,
+        InboundMode::Permissive => PERMISSIVE_DETECT_WAIT,
+    };
+    let detected = match detect(&stream, wait).await {
+        Ok(d) => d,
+        Err(e) => return access.refused(&ctx.metrics, "io_error", &e.to_string()),
+    };
+    let own = ctx.creds.current();
+    access.own_id = own.as_ref().map(|c| c.id.clone());
+    match detected {
+        Detected::Closed => access.refused(
+            &ctx.metrics,
+            "closed",
+            "peer closed before sending anything",
+        ),
+        Detected::Plaintext if mode == InboundMode::Strict => {
+            ctx.metrics
+                .handshake_failed(DIR, "plaintext_on_strict_port");
+            access.refused(
+                &ctx.metrics,
+                "refused",
+                "plaintext on a strict (mTLS-only) port",
+            );
+            reset(stream);
+        }
+        Detected::Plaintext => {
+            let Some(own) = own else {
+                access.refused(
+                    &ctx.metrics,
+                    "no_identity",
+                    "no valid SVID held (agent unreachable and SVID expired?)",
+                );
+                return reset(stream);
+            };
+            let attrs = ConnAttrs {
+                peer: None,
+                own: &own.id,
+                src,
+                dst,
+                app_port,
+                tls: false,
+            };
+            let verdict = ctx.authz.authorize_inbound(&attrs);
+            access.rule = Some(verdict.rule.clone());
+            ctx.metrics.decision(DIR, verdict.allow, &verdict.rule);
+            if !verdict.allow {
+                access.refused(&ctx.metrics, "denied", "denied by policy");
+                return reset(stream);
+            }
+            let Some(app) = connect_app(&ctx, &access, app_port).await else {
+                return reset(stream);
+            };
+            let stats = copy::splice_bidirectional(stream, app, ctx.limits.idle_timeout.0).await;
+            access.finished(&ctx.metrics, &stats);
+        }
+        Detected::Tls => {
+            let Some(own) = own else {
+                access.refused(
+                    &ctx.metrics,
+                    "no_identity",
+                    "no valid SVID held (agent unreachable and SVID expired?)",
+                );
+                return reset(stream);
+            };
+            let acceptor = TlsAcceptor::from(own.server.clone());
+            let hs =
+                tokio::time::timeout(ctx.limits.handshake_timeout.0, acceptor.accept(stream)).await;
+            let tls = match hs {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    let (label, msg) = svidcar_agent::tls::classify_handshake_error(&e);
+                    ctx.metrics.handshake_failed(DIR, label);
+                    return access.refused(
+                        &ctx.metrics,
+                        "handshake_failed",
+                        &format!("{label}: {msg}"),
+                    );
+                }
+                Err(_) => {
+                    ctx.metrics.handshake_failed(DIR, "timeout");
+                    return access.refused(
+                        &ctx.metrics,
+                        "handshake_failed",
+                        "timeout: TLS handshake took too long",
+                    );
+                }
+            };
+            let peer = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
+            access.peer_id = peer.clone();
+            let Some(peer) = peer else {
+                ctx.metrics.handshake_failed(DIR, "no_client_certificate");
+                access.refused(
+                    &ctx.metrics,
+                    "handshake_failed",
+                    "no_client_certificate: peer has no SPIFFE ID",
+                );
+                return reset(tls.into_inner().0);
+            };
+            let attrs = ConnAttrs {
+                peer: Some(&peer),
+                own: &own.id,
+                src,
+                dst,
+                app_port,
+                tls: true,
+            };
+            let verdict = ctx.authz.authorize_inbound(&attrs);
+            access.rule = Some(verdict.rule.clone());
+            ctx.metrics.decision(DIR, verdict.allow, &verdict.rule);
+            if !verdict.allow {
+                access.refused(
+                    &ctx.metrics,
+                    "denied",
+                    &format!("denied by {}", verdict.rule),
+                );
+                return reset(tls.into_inner().0);
+            }
+            let Some(app) = connect_app(&ctx, &access, app_port).await else {
+                return reset(tls.into_inner().0);
+            };
+            let _ = app.set_nodelay(true);
+            let stats = copy::copy_bidirectional(tls, app, ctx.limits.idle_timeout.0).await;
+            access.finished(&ctx.metrics, &stats);
+        }
+    }
+}
+
+async fn connect_app(ctx: &ProxyContext, access: &Access, app_port: u16) -> Option<TcpStream> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], app_port));
+    match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("cannot connect to the app at {addr}: {e}"),
+            );
+            None
+        }
+        Err(_) => {
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("timeout connecting to the app at {addr}"),
+            );
+            None
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics of the proxy (rendered by the admin listener at `/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// `inbound` | `outbound` | `egress`.
+    pub direction: &'static str,
+    /// `allowed`, `denied`, `handshake_failed`, `upstream_failed`, `no_identity`, `overloaded`...
+    pub outcome: &'static str,
+}
+
+/// Labels of byte counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    /// `inbound` | `outbound` | `egress`.
+    pub direction: &'static str,
+    /// `rx` (from the connecting side) | `tx` (to the connecting side).
+    pub flow: &'static str,
+}
+
+/// Labels of handshake failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailLabels {
+    /// `inbound` | `outbound`.
+    pub direction: &'static str,
+    /// Short stable reason (`no_client_certificate`, `unknown_trust_domain`, `plaintext_on_strict_port`...).
+    pub reason: &'static str,
+}
+
+/// Labels of authorization decisions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `inbound` | `egress`.
+    pub direction: &'static str,
+    /// `allow` | `deny`.
+    pub decision: &'static str,
+    /// The rule or default that decided.
+    pub rule: String,
+}
+
+/// All proxy metrics, cheap to clone (every metric is an `Arc` inside).
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Finished connections by direction and outcome.
+    pub connections: Family<ConnLabels, Counter>,
+    /// Open connections.
+    pub open_connections: Gauge,
+    /// Connections refused because the connection limit was reached.
+    pub overloaded: Counter,
+    /// Bytes proxied.
+    pub bytes: Family<ByteLabels, Counter>,
+    /// TLS handshake failures by reason.
+    pub handshake_failures: Family<FailLabels, Counter>,
+    /// Authorization decisions.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// Seconds until the current SVID expires (negative once expired; 0 before the first SVID).
+    pub svid_expiry_seconds: Gauge,
+    /// SVIDs installed (initial + rotations).
+    pub svid_rotations: Counter,
+}
+
+impl Metrics {
+    /// Registers everything under the `svidcar_proxy` prefix.
+    pub fn register(&self) -> Registry {
+        let mut r = Registry::with_prefix("svidcar_proxy");
+        r.register(
+            "connections",
+            "Finished connections by direction and outcome",
+            self.connections.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Currently open connections",
+            self.open_connections.clone(),
+        );
+        r.register(
+            "overloaded",
+            "Connections refused at the connection limit",
+            self.overloaded.clone(),
+        );
+        r.register(
+            "bytes",
+            "Bytes proxied by direction and flow",
+            self.bytes.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Failed TLS handshakes and refused plaintext by reason",
+            self.handshake_failures.clone(),
+        );
+        r.register(
+            "decisions",
+            "Authorization decisions by rule",
+            self.decisions.clone(),
+        );
+        r.register(
+            "svid_expiry_seconds",
+            "Seconds until the current X.509-SVID expires",
+            self.svid_expiry_seconds.clone(),
+        );
+        r.register(
+            "svid_installs",
+            "X.509-SVIDs installed (first + rotations)",
+            self.svid_rotations.clone(),
+        );
+        r
+    }
+
+    /// Counts a failed handshake.
+    pub fn handshake_failed(&self, direction: &'static str, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&FailLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts a finished connection.
+    pub fn connection(&self, direction: &'static str, outcome: &'static str) {
+        self.connections
+            .get_or_create(&ConnLabels { direction, outcome })
+            .inc();
+    }
+
+    /// Adds bytes.
+    pub fn add_bytes(&self, direction: &'static str, rx: u64, tx: u64) {
+        self.bytes
+            .get_or_create(&ByteLabels {
+                direction,
+                flow: "rx",
+            })
+            .inc_by(rx);
+        self.bytes
+            .get_or_create(&ByteLabels {
+                direction,
+                flow: "tx",
+            })
+            .inc_by(tx);
+    }
+
+    /// Counts an authorization decision.
+    pub fn decision(&self, direction: &'static str, allow: bool, rule: &str) {
+        let decision = if allow { "allow" } else { "deny" };
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                direction,
+                decision,
+                rule: rule.to_string(),
+            })
+            .inc();
+    }
+}

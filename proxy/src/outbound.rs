@@ -1,0 +1,246 @@
+//! Outbound: the local application → this proxy → mTLS to a peer proxy.
+//!
+//! Explicit mode (like ghostunnel): a plaintext loopback listener per route, each with its
+//! upstream and the identity the upstream must present. Transparent mode: one listener that
+//! receives redirected connections, reads the original destination (`SO_ORIGINAL_DST`), and
+//! looks it up in the destination map: a mesh destination gets mTLS with the expected identity,
+//! anything else is passed through unchanged (egress, allowed and logged: POLICY.md §9).
+//!
+//! A server that presents another identity fails the call (the app sees a reset); there is never
+//! a fallback to plaintext.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use svidcar_agent::tls::ExpectedPeer;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsConnector;
+
+use crate::config::DstMatch;
+use crate::context::{reset, Access, ProxyContext};
+use crate::copy;
+
+/// Where an outbound listener sends its connections.
+#[derive(Debug, Clone)]
+pub enum OutboundTarget {
+    /// One fixed upstream.
+    Route {
+        /// `host:port`.
+        upstream: String,
+        /// The TLS server name derived from the host.
+        server_name: ServerName<'static>,
+        /// Identity the upstream must present.
+        expect: ExpectedPeer,
+    },
+    /// Transparent: original destination → destination map.
+    Transparent {
+        /// Mesh destinations in order; first match wins.
+        destinations: Vec<DstMatch>,
+        /// Our own listener address (connections to it would loop).
+        listen: SocketAddr,
+    },
+}
+
+impl OutboundTarget {
+    /// A fixed route to `upstream` (`host:port`).
+    pub fn route(upstream: &str, expect: ExpectedPeer) -> Self {
+        let host = upstream
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(upstream);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Self::Route {
+            upstream: upstream.to_string(),
+            server_name: server_name(host),
+            expect,
+        }
+    }
+}
+
+/// A TLS server name for `host` (an IP, a DNS name, or a placeholder: SVID verification does not
+/// use it; it only keys session resumption).
+fn server_name(host: &str) -> ServerName<'static> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ServerName::IpAddress(ip.into());
+    }
+    ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into()))
+}
+
+/// Handles one accepted outbound connection to the end.
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    target: Arc<OutboundTarget>,
+    app: TcpStream,
+    src: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    match target.as_ref() {
+        OutboundTarget::Route {
+            upstream,
+            server_name,
+            expect,
+        } => {
+            let access = Access::new("outbound", src, upstream.clone());
+            mesh(
+                &ctx,
+                access,
+                app,
+                upstream.as_str(),
+                server_name.clone(),
+                expect,
+            )
+            .await;
+        }
+        OutboundTarget::Transparent {
+            destinations,
+            listen,
+        } => {
+            let local = match app.local_addr() {
+                Ok(l) => l,
+                Err(e) => {
+                    return Access::new("outbound", src, "?".into()).refused(
+                        &ctx.metrics,
+                        "io_error",
+                        &e.to_string(),
+                    )
+                }
+            };
+            let dst = match crate::sys::original_dst(&app, local.is_ipv6()) {
+                Ok(d) => d,
+                Err(e) => {
+                    let a = Access::new("outbound", src, "?".into());
+                    a.refused(
+                        &ctx.metrics,
+                        "no_original_destination",
+                        &format!("cannot read the original destination: {e}"),
+                    );
+                    return reset(app);
+                }
+            };
+            if dst == *listen || dst == local {
+                let a = Access::new("outbound", src, dst.to_string());
+                a.refused(
+                    &ctx.metrics,
+                    "refused",
+                    "connection to the proxy's own listener (redirect loop)",
+                );
+                return reset(app);
+            }
+            match destinations.iter().find(|d| d.matches(&dst)) {
+                Some(m) => {
+                    let access = Access::new("outbound", src, dst.to_string());
+                    let name = ServerName::IpAddress(dst.ip().into());
+                    mesh(&ctx, access, app, dst, name, &m.expect).await;
+                }
+                None => passthrough(&ctx, app, src, dst).await,
+            }
+        }
+    }
+}
+
+/// mTLS to a mesh destination that must present `expect`.
+async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
+    ctx: &ProxyContext,
+    mut access: Access,
+    app: TcpStream,
+    upstream: A,
+    name: ServerName<'static>,
+    expect: &ExpectedPeer,
+) {
+    let Some(own) = ctx.creds.current() else {
+        access.refused(
+            &ctx.metrics,
+            "no_identity",
+            "no valid SVID held (agent unreachable and SVID expired?)",
+        );
+        return reset(app);
+    };
+    access.own_id = Some(own.id.clone());
+    let Some(config) = own.client_config(expect) else {
+        access.refused(
+            &ctx.metrics,
+            "refused",
+            &format!("no client config for expected peer {expect}"),
+        );
+        return reset(app);
+    };
+    let tcp = match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(upstream))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("cannot connect to {upstream}: {e}"),
+            );
+            return reset(app);
+        }
+        Err(_) => {
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("timeout connecting to {upstream}"),
+            );
+            return reset(app);
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let connector = TlsConnector::from(config);
+    let tls =
+        match tokio::time::timeout(ctx.limits.handshake_timeout.0, connector.connect(name, tcp))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let (label, msg) = svidcar_agent::tls::classify_handshake_error(&e);
+                ctx.metrics.handshake_failed("outbound", label);
+                access.refused(&ctx.metrics, "handshake_failed", &format!("{label}: {msg}"));
+                return reset(app);
+            }
+            Err(_) => {
+                ctx.metrics.handshake_failed("outbound", "timeout");
+                access.refused(
+                    &ctx.metrics,
+                    "handshake_failed",
+                    "timeout: TLS handshake took too long",
+                );
+                return reset(app);
+            }
+        };
+    access.peer_id = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
+    let stats = copy::copy_bidirectional(app, tls, ctx.limits.idle_timeout.0).await;
+    access.finished(&ctx.metrics, &stats);
+}
+
+/// Non-mesh destination in transparent mode: egress passthrough (allowed and logged).
+async fn passthrough(ctx: &ProxyContext, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    let mut access = Access::new("egress", src, dst.to_string());
+    access.rule = Some("default:egress-allow".into());
+    ctx.metrics.decision("egress", true, "default:egress-allow");
+    let up = match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(dst)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("cannot connect to {dst}: {e}"),
+            );
+            return reset(app);
+        }
+        Err(_) => {
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("timeout connecting to {dst}"),
+            );
+            return reset(app);
+        }
+    };
+    let stats = copy::splice_bidirectional(app, up, ctx.limits.idle_timeout.0).await;
+    access.finished(&ctx.metrics, &stats);
+}

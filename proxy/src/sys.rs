@@ -1,0 +1,138 @@
+//! The one module of the proxy allowed to use `unsafe`: thin wrappers around two Linux system
+//! calls the standard library does not expose.
+//!
+//! - [`original_dst`]: `getsockopt(SO_ORIGINAL_DST)` (IPv4, `SOL_IP`) and
+//!   `getsockopt(IP6T_SO_ORIGINAL_DST)` (IPv6, `SOL_IPV6`): the destination a connection had
+//!   before an iptables/nftables `REDIRECT` rewrote it to the proxy.
+//! - [`splice`] / [`Pipe`]: zero-copy forwarding between two sockets through a kernel pipe,
+//!   used for plaintext passthrough.
+//!
+//! Safety argument, for every call below: the file descriptors come from live tokio sockets
+//! borrowed for the duration of the call (so they cannot be closed concurrently), the output
+//! buffers are stack values of exactly the size passed to the kernel, and every return value is
+//! checked before the output is read.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `SO_ORIGINAL_DST` from `<linux/netfilter_ipv4.h>` (same value as `IP6T_SO_ORIGINAL_DST`).
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// The pre-REDIRECT destination of a redirected TCP connection. `is_v6` says which socket
+/// family the accepted socket has.
+pub fn original_dst(sock: &impl AsRawFd, is_v6: bool) -> io::Result<SocketAddr> {
+    let fd = sock.as_raw_fd();
+    if is_v6 {
+        let mut addr = MaybeUninit::<libc::sockaddr_in6>::zeroed();
+        let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        // SAFETY: fd is a live socket; addr points to a sockaddr_in6 of `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                SO_ORIGINAL_DST,
+                addr.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel filled the struct (rc == 0); it was zero-initialized anyway.
+        let a = unsafe { addr.assume_init() };
+        let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+        Ok(SocketAddr::V6(SocketAddrV6::new(
+            ip,
+            u16::from_be(a.sin6_port),
+            a.sin6_flowinfo,
+            a.sin6_scope_id,
+        )))
+    } else {
+        let mut addr = MaybeUninit::<libc::sockaddr_in>::zeroed();
+        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: fd is a live socket; addr points to a sockaddr_in of `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                SO_ORIGINAL_DST,
+                addr.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel filled the struct (rc == 0); it was zero-initialized anyway.
+        let a = unsafe { addr.assume_init() };
+        let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+        Ok(SocketAddr::V4(SocketAddrV4::new(
+            ip,
+            u16::from_be(a.sin_port),
+        )))
+    }
+}
+
+/// A non-blocking kernel pipe (read end, write end) used as the splice buffer.
+#[derive(Debug)]
+pub struct Pipe {
+    /// Read end.
+    pub read: OwnedFd,
+    /// Write end.
+    pub write: OwnedFd,
+}
+
+impl Pipe {
+    /// Creates a non-blocking, close-on-exec pipe.
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: fds is an array of two ints as pipe2 requires.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, both fds are fresh and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(Self { read, write })
+    }
+}
+
+/// `splice(2)` up to `len` bytes from `from` to `to` (one of them must be a pipe), non-blocking.
+/// Returns the number of bytes moved; `Ok(0)` means end of file on `from`; `WouldBlock` means
+/// try again when ready.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain fds, null offsets (sockets and pipes have no offset).
+    let rc = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// `shutdown(fd, SHUT_WR)`: sends FIN, keeps reading possible (half-close).
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain fd of a live socket.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        // The peer may already be gone: nothing left to half-close.
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
