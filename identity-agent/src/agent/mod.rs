@@ -1,1 +1,198 @@
-//! The node identity agent (stub).
+//! The node identity agent: attests workloads on a unix socket and serves them SVIDs and
+//! bundles over the SPIFFE Workload API, from an embedded (or upstream) CA.
+//!
+//! Data flow: [`rotation::CaSet`] and [`federation`] publish one shared [`TrustState`] through
+//! a `watch` channel; every Workload API stream reads it, attests its caller once
+//! ([`attest::unix`]), matches [`entries`], issues its SVIDs lazily from the active CA
+//! ([`ca`]) and re-issues them at half life or when the CA changes. Memory per stream is its
+//! own SVIDs plus one `Arc` of the shared state — no per-stream queue.
+
+pub mod attest;
+pub mod ca;
+pub mod config;
+pub mod entries;
+pub mod federation;
+pub mod health;
+pub mod rotation;
+pub mod workload_api;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+use crate::bundle::{Bundle, BundleSet};
+use crate::jwt::JwtSigner;
+use crate::spiffe_id::TrustDomain;
+
+pub use config::{AgentConfig, AgentFile};
+
+use ca::SigningCa;
+use health::Metrics;
+use rotation::CaSet;
+
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("CA: {0}")]
+    Ca(#[from] ca::CaError),
+    #[error("socket {path}: {reason}")]
+    Socket { path: String, reason: String },
+    #[error("health listener {addr}: {reason}")]
+    Health { addr: String, reason: String },
+    #[error("JWT signing key: {0}")]
+    Jwt(String),
+    #[error("Workload API server: {0}")]
+    Serve(String),
+}
+
+/// What every stream needs, shared through one `watch`: the active CA, our bundle and the
+/// federated bundles. Replaced (never mutated) on every change.
+#[derive(Clone)]
+pub struct TrustState {
+    /// The CA that signs new SVIDs.
+    pub signer: Arc<SigningCa>,
+    /// Our trust domain's bundle (X.509 roots incl. next/retired, JWT keys).
+    pub bundle: Arc<Bundle>,
+    /// Foreign trust domains' bundles loaded from files.
+    pub federated: Arc<BTreeMap<TrustDomain, Bundle>>,
+    /// Signs JWT-SVIDs; its public key is in `bundle`.
+    pub jwt: Arc<JwtSigner>,
+    /// Bumped whenever `bundle` or `federated` changes.
+    pub bundles_version: u64,
+}
+
+impl TrustState {
+    /// All bundles (ours and federated) for validation.
+    pub fn bundle_set(&self) -> BundleSet {
+        let mut set = BundleSet::new();
+        set.insert((*self.bundle).clone());
+        for b in self.federated.values() {
+            set.insert(b.clone());
+        }
+        set
+    }
+}
+
+/// Builds our own bundle from the CA set and the JWT signer.
+fn own_bundle(td: &TrustDomain, cas: &CaSet, jwt: &JwtSigner, sequence: u64) -> Bundle {
+    let mut b = Bundle::new(td.clone());
+    b.x509_authorities = cas.bundle_authorities();
+    b.add_jwt_key(jwt.public_jwk());
+    b.sequence = sequence;
+    b
+}
+
+/// Loads the JWT signing key from the state directory (`jwt-key.der`, 0600, and `jwt-kid`),
+/// generating it on first start, so tokens stay verifiable across restarts.
+fn load_jwt_signer(dir: &std::path::Path) -> Result<JwtSigner, AgentError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: &dyn std::fmt::Display| AgentError::Jwt(format!("{}: {e}", dir.display()));
+    let (key_path, kid_path) = (dir.join("jwt-key.der"), dir.join("jwt-kid"));
+    if let (Ok(key), Ok(kid)) = (std::fs::read(&key_path), std::fs::read_to_string(&kid_path)) {
+        return JwtSigner::from_pkcs8(kid.trim(), &key).map_err(|e| err(&e));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+    let signer = JwtSigner::generate().map_err(|e| err(&e))?;
+    let kid = signer.kid().to_string();
+    let der = signer.to_pkcs8().map_err(|e| err(&e))?;
+    let _ = std::fs::remove_file(&key_path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(|e| err(&e))?;
+    f.write_all(&der).map_err(|e| err(&e))?;
+    std::fs::write(&kid_path, kid).map_err(|e| err(&e))?;
+    Ok(signer)
+}
+
+/// Runs the agent until `shutdown` completes: loads (or creates) the CA, starts the health
+/// listener, federation watchers and the CA rotation schedule, then serves the Workload API on
+/// the unix socket. The socket file is removed on the way out.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let mut cas = CaSet::load(
+        &config.ca,
+        &config.trust_domain,
+        config.ca_ttl,
+        &config.state_dir,
+        SystemTime::now(),
+    )?;
+    let jwt = Arc::new(load_jwt_signer(&config.state_dir)?);
+    let mut sequence = 1;
+    let initial = TrustState {
+        signer: cas.active().clone(),
+        bundle: Arc::new(own_bundle(&config.trust_domain, &cas, &jwt, sequence)),
+        federated: Arc::new(federation::load_initial(&config.federation)),
+        jwt: jwt.clone(),
+        bundles_version: 1,
+    };
+    metrics.set_ca_not_after(initial.signer.not_after);
+    let (state_tx, state_rx) = watch::channel(Arc::new(initial));
+    let state_tx = Arc::new(state_tx);
+    let (ready_tx, ready_rx) = watch::channel(false);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = config.health_addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Health {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+        tasks.spawn(health::serve(listener, metrics.clone(), ready_rx));
+    }
+    for f in config.federation.iter().cloned() {
+        tasks.spawn(federation::watch_file(
+            f,
+            config.federation_poll,
+            state_tx.clone(),
+        ));
+    }
+    {
+        let state_tx = state_tx.clone();
+        let metrics = metrics.clone();
+        let td = config.trust_domain.clone();
+        tasks.spawn(async move {
+            loop {
+                let Some(at) = cas.next_event() else { return };
+                let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                match cas.tick(SystemTime::now()) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        sequence += 1;
+                        let bundle = Arc::new(own_bundle(&td, &cas, &jwt, sequence));
+                        let signer = cas.active().clone();
+                        metrics.set_ca_not_after(signer.not_after);
+                        state_tx.send_modify(|s| {
+                            let mut n = (**s).clone();
+                            n.signer = signer;
+                            n.bundle = bundle;
+                            n.bundles_version += 1;
+                            *s = Arc::new(n);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "CA rotation failed; retrying in 5s");
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    let result = workload_api::serve(config.clone(), state_rx, metrics, ready_tx, shutdown).await;
+    tasks.shutdown().await;
+    result
+}

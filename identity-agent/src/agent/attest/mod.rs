@@ -1,0 +1,44 @@
+//! Workload attestation: who is calling on the socket, expressed as selectors
+//! (`unix:uid:1000`, `unix:gid:1000`, `unix:path:/usr/bin/app`).
+
+pub mod unix;
+
+use std::collections::BTreeSet;
+
+/// The selectors of one workload (`type:key:value`).
+pub type Selectors = BTreeSet<String>;
+
+/// Why a caller could not be attested (the message is logged and counted; the caller only
+/// sees `PERMISSION_DENIED`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttestError {
+    #[error("no peer credentials on the connection (not a unix socket?)")]
+    NoCredentials,
+    #[error("peer credentials carry no pid")]
+    NoPid,
+    #[error("process {pid} changed while being attested (pid reused or uid changed): {what}")]
+    Changed { pid: i32, what: String },
+    #[error("cannot read /proc/{pid}: {reason}")]
+    Proc { pid: i32, reason: String },
+}
+
+impl AttestError {
+    /// Short label for the metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AttestError::NoCredentials => "no_credentials",
+            AttestError::NoPid => "no_pid",
+            AttestError::Changed { .. } => "pid_reused",
+            AttestError::Proc { .. } => "proc_unreadable",
+        }
+    }
+}
+
+/// An attested caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub selectors: Selectors,
+}

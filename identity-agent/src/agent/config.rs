@@ -1,0 +1,354 @@
+//! Agent configuration: the YAML file form (every field optional, unknown fields rejected) and
+//! the resolved [`AgentConfig`] the agent runs with.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::agent::entries::{Entry, EntryError};
+use crate::spiffe_id::TrustDomain;
+
+/// Default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "svidcar.local";
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET: &str = "/tmp/svidcar/agent.sock";
+/// Default state directory for an unprivileged agent.
+pub const DEFAULT_STATE_DIR_USER: &str = "/tmp/svidcar/agent-state";
+/// Default state directory when the agent runs as root.
+pub const DEFAULT_STATE_DIR_ROOT: &str = "/var/lib/svidcar/agent";
+/// Default health/metrics listener.
+pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:8088";
+/// Default socket mode: world-connectable, like SPIRE. Attestation (not file permissions)
+/// decides who gets an identity; a caller without an entry gets `PERMISSION_DENIED`.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o777;
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("invalid duration {0:?} (use e.g. 500ms, 30s, 5m, 1h, 2d)")]
+    Duration(String),
+    #[error("invalid trust domain {0:?}: {1}")]
+    TrustDomain(String, String),
+    #[error("{0}")]
+    Entry(#[from] EntryError),
+    #[error("invalid federation {0:?} (expected TRUST_DOMAIN=BUNDLE_FILE)")]
+    Federation(String),
+    #[error("invalid health address {0:?}: {1}")]
+    HealthAddr(String, String),
+    #[error("invalid socket mode {0:?} (octal, e.g. 0770)")]
+    SocketMode(String),
+    #[error("--upstream-cert and --upstream-key must be given together")]
+    UpstreamPair,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Parses a duration like `500ms`, `30s`, `5m`, `1h`, `2d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let t = s.trim();
+    let bad = || ConfigError::Duration(s.to_string());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// A registration entry in the YAML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryFile {
+    /// The SPIFFE ID to issue.
+    pub spiffe_id: String,
+    /// Selectors that must all be present in the workload's selectors.
+    pub selectors: Vec<String>,
+    /// SVID TTL for this entry (defaults to `svid_ttl`).
+    pub ttl: Option<String>,
+    /// Workload API `hint` (defaults to the SPIFFE ID).
+    pub hint: Option<String>,
+    /// Trust domains whose bundles this workload receives (default: all federated).
+    #[serde(default)]
+    pub federates_with: Vec<String>,
+}
+
+/// A federated bundle file in the YAML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationFile {
+    /// The foreign trust domain.
+    pub trust_domain: String,
+    /// Its bundle: SPIFFE bundle (JWKS JSON) or PEM certificates; re-read when it changes.
+    pub bundle_file: PathBuf,
+}
+
+/// Upstream CA files in the YAML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// PEM: the intermediate CA certificate first, then optionally its chain (self-signed roots
+    /// found here go into the bundle).
+    pub cert: PathBuf,
+    /// PEM PKCS#8 private key of the intermediate.
+    pub key: PathBuf,
+    /// PEM root certificate(s) for the bundle, if not in `cert`.
+    pub bundle: Option<PathBuf>,
+}
+
+/// The YAML configuration file: every field optional, unknown fields rejected.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub trust_domain: Option<String>,
+    pub socket: Option<PathBuf>,
+    /// Octal string, e.g. "0770".
+    pub socket_mode: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub svid_ttl: Option<String>,
+    pub jwt_svid_ttl: Option<String>,
+    pub ca_ttl: Option<String>,
+    /// `host:port` of the health/metrics listener; `off` disables it.
+    pub health_addr: Option<String>,
+    #[serde(default)]
+    pub entries: Vec<EntryFile>,
+    #[serde(default)]
+    pub federation: Vec<FederationFile>,
+    pub upstream: Option<UpstreamFile>,
+    /// How often federated bundle files are checked for changes.
+    pub federation_poll: Option<String>,
+}
+
+impl AgentFile {
+    /// Reads and parses a YAML config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Yaml {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Where the signing CA comes from.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// A root generated on first start and kept under the state directory.
+    Embedded,
+    /// An intermediate (signed by an upstream root) loaded from files; not rotated by the agent.
+    Upstream {
+        cert: PathBuf,
+        key: PathBuf,
+        bundle: Option<PathBuf>,
+    },
+}
+
+/// A foreign trust domain's bundle file.
+#[derive(Debug, Clone)]
+pub struct FederatedFile {
+    pub trust_domain: TrustDomain,
+    pub path: PathBuf,
+}
+
+/// The resolved configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub trust_domain: TrustDomain,
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub state_dir: PathBuf,
+    pub svid_ttl: Duration,
+    pub jwt_svid_ttl: Duration,
+    pub ca_ttl: Duration,
+    /// `None` disables the health/metrics listener.
+    pub health_addr: Option<SocketAddr>,
+    pub entries: Vec<Entry>,
+    pub federation: Vec<FederatedFile>,
+    pub ca: CaSource,
+    pub federation_poll: Duration,
+}
+
+impl AgentConfig {
+    /// Resolves a file config (already merged with flags) into a runnable config.
+    pub fn from_file(f: AgentFile) -> Result<Self, ConfigError> {
+        let td_str = f.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN);
+        let trust_domain = TrustDomain::parse_lenient(td_str)
+            .map_err(|e| ConfigError::TrustDomain(td_str.to_string(), e.to_string()))?;
+        let svid_ttl = opt_duration(f.svid_ttl.as_deref(), Duration::from_secs(3600))?;
+        let jwt_svid_ttl = opt_duration(f.jwt_svid_ttl.as_deref(), Duration::from_secs(300))?;
+        let ca_ttl = opt_duration(f.ca_ttl.as_deref(), Duration::from_secs(24 * 3600))?;
+        let federation_poll = opt_duration(f.federation_poll.as_deref(), Duration::from_secs(1))?;
+        let socket_mode = match f.socket_mode.as_deref() {
+            None => DEFAULT_SOCKET_MODE,
+            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|v| *v <= 0o777)
+                .ok_or_else(|| ConfigError::SocketMode(m.to_string()))?,
+        };
+        let health_addr = match f.health_addr.as_deref() {
+            Some("off") | Some("") => None,
+            other => {
+                let s = other.unwrap_or(DEFAULT_HEALTH_ADDR);
+                Some(s.parse().map_err(|e: std::net::AddrParseError| {
+                    ConfigError::HealthAddr(s.to_string(), e.to_string())
+                })?)
+            }
+        };
+        let mut entries = Vec::new();
+        for e in &f.entries {
+            let ttl = e.ttl.as_deref().map(parse_duration).transpose()?;
+            entries.push(Entry::new(
+                &trust_domain,
+                &e.spiffe_id,
+                &e.selectors,
+                ttl,
+                e.hint.clone(),
+                &e.federates_with,
+            )?);
+        }
+        let mut federation = Vec::new();
+        for fed in f.federation {
+            let td = TrustDomain::parse_lenient(&fed.trust_domain)
+                .map_err(|e| ConfigError::TrustDomain(fed.trust_domain.clone(), e.to_string()))?;
+            if td == trust_domain {
+                return Err(ConfigError::Invalid(format!(
+                    "cannot federate with our own trust domain {td}"
+                )));
+            }
+            federation.push(FederatedFile {
+                trust_domain: td,
+                path: fed.bundle_file,
+            });
+        }
+        let ca = match f.upstream {
+            None => CaSource::Embedded,
+            Some(u) => CaSource::Upstream {
+                cert: u.cert,
+                key: u.key,
+                bundle: u.bundle,
+            },
+        };
+        if ca_ttl < Duration::from_secs(3) {
+            return Err(ConfigError::Invalid("ca_ttl must be at least 3s".into()));
+        }
+        Ok(Self {
+            trust_domain,
+            socket: f.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            socket_mode,
+            state_dir: f.state_dir.unwrap_or_else(default_state_dir),
+            svid_ttl,
+            jwt_svid_ttl,
+            ca_ttl,
+            health_addr,
+            entries,
+            federation,
+            ca,
+            federation_poll,
+        })
+    }
+}
+
+fn opt_duration(s: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    s.map(parse_duration)
+        .transpose()
+        .map(|d| d.unwrap_or(default))
+}
+
+/// `/var/lib/svidcar/agent` when running as root, `/tmp/svidcar/agent-state` otherwise.
+pub fn default_state_dir() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the effective uid of this process.
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    PathBuf::from(if root {
+        DEFAULT_STATE_DIR_ROOT
+    } else {
+        DEFAULT_STATE_DIR_USER
+    })
+}
+
+/// Parses `TRUST_DOMAIN=BUNDLE_FILE`.
+pub fn parse_federate_flag(s: &str) -> Result<FederationFile, ConfigError> {
+    let (td, path) = s
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Federation(s.to_string()))?;
+    if td.is_empty() || path.is_empty() {
+        return Err(ConfigError::Federation(s.to_string()));
+    }
+    Ok(FederationFile {
+        trust_domain: td.to_string(),
+        bundle_file: PathBuf::from(path),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn yaml_rejects_unknown_fields() {
+        let err = serde_yaml_ng::from_str::<AgentFile>("trust_domian: x\n").unwrap_err();
+        assert!(err.to_string().contains("trust_domian"), "{err}");
+        let ok: AgentFile = serde_yaml_ng::from_str(
+            "trust_domain: example.org\nentries:\n  - spiffe_id: spiffe://example.org/a\n    selectors: [\"unix:uid:1\"]\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::from_file(ok).unwrap();
+        assert_eq!(cfg.entries.len(), 1);
+        assert_eq!(cfg.socket_mode, 0o777);
+    }
+}

@@ -1,0 +1,173 @@
+//! The agent's health and metrics listener (HTTP/1, default `127.0.0.1:8088`):
+//! `/live` (200 while the process runs), `/ready` (200 once the Workload API socket is
+//! listening, 503 before), `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// X.509-SVIDs signed.
+    pub x509_svids_issued: Counter,
+    /// JWT-SVIDs signed.
+    pub jwt_svids_issued: Counter,
+    /// Open Workload API streams.
+    pub streams_open: Gauge,
+    attestation_failures: Family<Vec<(String, String)>, Counter>,
+    /// Callers refused for lack of a matching entry.
+    pub no_entry: Counter,
+    ca_not_after: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers the metrics (prefix `svidcar_agent_`).
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("svidcar_agent");
+        let x509_svids_issued = Counter::default();
+        let jwt_svids_issued = Counter::default();
+        let streams_open = Gauge::default();
+        let attestation_failures = Family::default();
+        let no_entry = Counter::default();
+        let ca_not_after = Gauge::default();
+        registry.register(
+            "x509_svids_issued",
+            "X.509-SVIDs signed",
+            x509_svids_issued.clone(),
+        );
+        registry.register(
+            "jwt_svids_issued",
+            "JWT-SVIDs signed",
+            jwt_svids_issued.clone(),
+        );
+        registry.register(
+            "streams_open",
+            "Open Workload API streams",
+            streams_open.clone(),
+        );
+        registry.register(
+            "attestation_failures",
+            "Callers that could not be attested, by reason",
+            attestation_failures.clone(),
+        );
+        registry.register(
+            "no_entry",
+            "Attested callers without a matching entry",
+            no_entry.clone(),
+        );
+        registry.register(
+            "ca_not_after_seconds",
+            "Expiry of the active signing CA (unix seconds)",
+            ca_not_after.clone(),
+        );
+        Self {
+            registry,
+            x509_svids_issued,
+            jwt_svids_issued,
+            streams_open,
+            attestation_failures,
+            no_entry,
+            ca_not_after,
+        }
+    }
+
+    /// Counts an attestation failure.
+    pub fn attestation_failed(&self, reason: &str) {
+        self.attestation_failures
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// Records the active CA's expiry.
+    pub fn set_ca_not_after(&self, t: SystemTime) {
+        let secs = t
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.ca_not_after
+            .set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    metrics: &Metrics,
+    ready: bool,
+) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
+        "/ready" if ready => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_string(),
+        ),
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Serves `/live`, `/ready`, `/metrics` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::Receiver<bool>) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "health and metrics listening");
+    }
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let resp = respond(&req, &metrics, *ready.borrow());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,395 @@
+//! The CA set and its rotation schedule (SPIRE's, made explicit):
+//!
+//! - at half of the active CA's lifetime a *next* CA is generated and published in the bundle,
+//!   but signs nothing yet;
+//! - when 1/6 of the active CA's lifetime remains, the next CA becomes active (streams re-issue
+//!   their SVIDs from it) and the old root is *retired*: it stays in the bundle until its own
+//!   `not_after`, by which time everything it signed has expired (SVIDs never outlive their CA).
+//!
+//! State directory files (keys mode 0600): `ca-cert.pem`, `ca-key.pem` (active),
+//! `ca-next-cert.pem`, `ca-next-key.pem` (prepared), `ca-retired.pem` (retired roots).
+//! A restart reloads them, so the trust domain keeps its root. After a downtime longer than the
+//! CA's lifetime the agent activates the next CA or generates a new root instead of refusing
+//! to start.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::CertificateDer;
+
+use crate::agent::ca::{cert_validity, is_self_signed, CaError, SigningCa};
+use crate::agent::config::CaSource;
+use crate::spiffe_id::TrustDomain;
+
+const CERT: &str = "ca-cert.pem";
+const KEY: &str = "ca-key.pem";
+const NEXT_CERT: &str = "ca-next-cert.pem";
+const NEXT_KEY: &str = "ca-next-key.pem";
+const RETIRED: &str = "ca-retired.pem";
+
+/// A retired root kept in the bundle until it expires.
+#[derive(Debug, Clone)]
+struct Retired {
+    cert: CertificateDer<'static>,
+    not_after: SystemTime,
+}
+
+enum Mode {
+    Embedded {
+        td: TrustDomain,
+        ttl: Duration,
+        dir: PathBuf,
+    },
+    Upstream {
+        roots: Vec<CertificateDer<'static>>,
+    },
+}
+
+/// The active CA, the prepared next one, and retired roots still in the bundle.
+pub struct CaSet {
+    mode: Mode,
+    active: Arc<SigningCa>,
+    next: Option<Arc<SigningCa>>,
+    retired: Vec<Retired>,
+}
+
+fn io_err(what: impl Into<String>, e: impl std::fmt::Display) -> CaError {
+    CaError::Load {
+        what: what.into(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let data = std::fs::read(path).map_err(|e| io_err(path.display().to_string(), e))?;
+    rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| io_err(path.display().to_string(), e))
+}
+
+fn certs_pem(certs: &[CertificateDer<'_>]) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for c in certs {
+        let b = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+/// Writes `data` to `dir/name` atomically with `mode`.
+fn write_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<(), CaError> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io_err(tmp.display().to_string(), e))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err(tmp.display().to_string(), e))?;
+    std::fs::rename(&tmp, dir.join(name))
+        .map_err(|e| io_err(dir.join(name).display().to_string(), e))
+}
+
+fn load_pair(dir: &Path, cert: &str, key: &str) -> Result<Option<SigningCa>, CaError> {
+    let (cp, kp) = (dir.join(cert), dir.join(key));
+    if !cp.exists() || !kp.exists() {
+        return Ok(None);
+    }
+    let certs = read_certs(&cp)?;
+    let first = certs
+        .into_iter()
+        .next()
+        .ok_or_else(|| io_err(cp.display().to_string(), "no certificate"))?;
+    let key_pem = std::fs::read_to_string(&kp).map_err(|e| io_err(kp.display().to_string(), e))?;
+    SigningCa::from_pem(first, &key_pem, Vec::new()).map(Some)
+}
+
+impl CaSet {
+    /// Loads the CA per `source`: the embedded root from `state_dir` (generated on first
+    /// start), or the upstream intermediate from files.
+    pub fn load(
+        source: &CaSource,
+        td: &TrustDomain,
+        ca_ttl: Duration,
+        state_dir: &Path,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        match source {
+            CaSource::Embedded => Self::load_embedded(td, ca_ttl, state_dir, now),
+            CaSource::Upstream { cert, key, bundle } => {
+                Self::load_upstream(cert, key, bundle.as_deref())
+            }
+        }
+    }
+
+    fn load_upstream(cert: &Path, key: &Path, bundle: Option<&Path>) -> Result<Self, CaError> {
+        let certs = read_certs(cert)?;
+        let mut roots = Vec::new();
+        let mut chain = Vec::new();
+        for c in certs {
+            if is_self_signed(&c) {
+                roots.push(c);
+            } else {
+                chain.push(c);
+            }
+        }
+        if let Some(b) = bundle {
+            roots.extend(read_certs(b)?);
+        }
+        let signing = chain.first().cloned().ok_or_else(|| {
+            io_err(
+                cert.display().to_string(),
+                "no intermediate CA certificate (only roots)",
+            )
+        })?;
+        if roots.is_empty() {
+            return Err(io_err(
+                cert.display().to_string(),
+                "no root certificate for the bundle: append it to the cert file or give upstream bundle",
+            ));
+        }
+        let key_pem =
+            std::fs::read_to_string(key).map_err(|e| io_err(key.display().to_string(), e))?;
+        let active = SigningCa::from_pem(signing, &key_pem, chain)?;
+        Ok(Self {
+            mode: Mode::Upstream { roots },
+            active: Arc::new(active),
+            next: None,
+            retired: Vec::new(),
+        })
+    }
+
+    fn load_embedded(
+        td: &TrustDomain,
+        ttl: Duration,
+        dir: &Path,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir.display().to_string(), e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err(dir.display().to_string(), e))?;
+        let active = load_pair(dir, CERT, KEY)?;
+        let next = load_pair(dir, NEXT_CERT, NEXT_KEY)?;
+        let retired = if dir.join(RETIRED).exists() {
+            read_certs(&dir.join(RETIRED))?
+                .into_iter()
+                .filter_map(|cert| {
+                    let (_, not_after, _) = cert_validity(&cert).ok()?;
+                    Some(Retired { cert, not_after })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mode = Mode::Embedded {
+            td: td.clone(),
+            ttl,
+            dir: dir.to_path_buf(),
+        };
+        let mut set = match active {
+            Some(a) => Self {
+                mode,
+                active: Arc::new(a),
+                next: next.map(Arc::new),
+                retired,
+            },
+            None => {
+                let (ca, key_pem) = SigningCa::generate_root(td, ttl, now)?;
+                tracing::info!(serial = %ca.serial_hex, trust_domain = %td, dir = %dir.display(),
+                    "generated a new root CA");
+                write_file(dir, KEY, key_pem.as_bytes(), 0o600)?;
+                write_file(
+                    dir,
+                    CERT,
+                    certs_pem(std::slice::from_ref(&ca.cert)).as_bytes(),
+                    0o644,
+                )?;
+                Self {
+                    mode,
+                    active: Arc::new(ca),
+                    next: None,
+                    retired,
+                }
+            }
+        };
+        set.tick(now)?;
+        Ok(set)
+    }
+
+    /// The CA that signs SVIDs now.
+    pub fn active(&self) -> &Arc<SigningCa> {
+        &self.active
+    }
+
+    /// The X.509 authorities for our bundle, oldest first: retired roots, the active root
+    /// (or upstream roots), and the prepared next root.
+    pub fn bundle_authorities(&self) -> Vec<CertificateDer<'static>> {
+        match &self.mode {
+            Mode::Upstream { roots } => roots.clone(),
+            Mode::Embedded { .. } => {
+                let mut v: Vec<_> = self.retired.iter().map(|r| r.cert.clone()).collect();
+                v.push(self.active.cert.clone());
+                v.extend(self.next.iter().map(|n| n.cert.clone()));
+                v.dedup();
+                v
+            }
+        }
+    }
+
+    fn prepare_at(&self) -> SystemTime {
+        self.active.not_before + self.active.lifetime() / 2
+    }
+
+    fn activate_at(&self) -> SystemTime {
+        self.active.not_after - self.active.lifetime() / 6
+    }
+
+    /// The next time [`CaSet::tick`] has something to do.
+    pub fn next_event(&self) -> Option<SystemTime> {
+        let Mode::Embedded { .. } = self.mode else {
+            return None;
+        };
+        let mut t = if self.next.is_some() {
+            self.activate_at()
+        } else {
+            self.prepare_at()
+        };
+        for r in &self.retired {
+            t = t.min(r.not_after);
+        }
+        Some(t)
+    }
+
+    /// Advances the rotation schedule to `now`. Returns true when the bundle or the active CA
+    /// changed (and persists the change).
+    pub fn tick(&mut self, now: SystemTime) -> Result<bool, CaError> {
+        let Mode::Embedded { td, ttl, dir } = &self.mode else {
+            return Ok(false);
+        };
+        let (td, ttl, dir) = (td.clone(), *ttl, dir.clone());
+        let mut changed = false;
+        let before = self.retired.len();
+        self.retired.retain(|r| r.not_after > now);
+        if self.retired.len() != before {
+            tracing::info!(
+                removed = before - self.retired.len(),
+                "expired retired roots left the bundle"
+            );
+            self.save_retired(&dir)?;
+            changed = true;
+        }
+        if now >= self.active.not_after && self.next.as_ref().is_none_or(|n| now >= n.not_after) {
+            // Downtime outlived the CA: start over with a fresh root rather than deadlock.
+            tracing::warn!(expired = ?self.active.not_after, "active CA expired while the agent was down; generating a new root");
+            self.next = None;
+            self.prepare(&td, ttl, &dir, now)?;
+        }
+        if self.next.is_none() && now >= self.prepare_at() {
+            self.prepare(&td, ttl, &dir, now)?;
+            changed = true;
+        }
+        if self.next.is_some() && now >= self.activate_at() {
+            self.activate(&dir, now)?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    fn prepare(
+        &mut self,
+        td: &TrustDomain,
+        ttl: Duration,
+        dir: &Path,
+        now: SystemTime,
+    ) -> Result<(), CaError> {
+        let (ca, key_pem) = SigningCa::generate_root(td, ttl, now)?;
+        write_file(dir, NEXT_KEY, key_pem.as_bytes(), 0o600)?;
+        write_file(
+            dir,
+            NEXT_CERT,
+            certs_pem(std::slice::from_ref(&ca.cert)).as_bytes(),
+            0o644,
+        )?;
+        tracing::info!(serial = %ca.serial_hex, "prepared the next root CA (in the bundle, not signing yet)");
+        self.next = Some(Arc::new(ca));
+        Ok(())
+    }
+
+    fn activate(&mut self, dir: &Path, now: SystemTime) -> Result<(), CaError> {
+        let Some(next) = self.next.take() else {
+            return Ok(());
+        };
+        let old = std::mem::replace(&mut self.active, next);
+        if now < old.not_after {
+            self.retired.push(Retired {
+                cert: old.cert.clone(),
+                not_after: old.not_after,
+            });
+        }
+        self.save_retired(dir)?;
+        std::fs::rename(dir.join(NEXT_KEY), dir.join(KEY))
+            .map_err(|e| io_err("activate CA key", e))?;
+        std::fs::rename(dir.join(NEXT_CERT), dir.join(CERT))
+            .map_err(|e| io_err("activate CA cert", e))?;
+        tracing::info!(new = %self.active.serial_hex, old = %old.serial_hex,
+            "activated the next root CA; the old root stays in the bundle until it expires");
+        Ok(())
+    }
+
+    fn save_retired(&self, dir: &Path) -> Result<(), CaError> {
+        let certs: Vec<_> = self.retired.iter().map(|r| r.cert.clone()).collect();
+        write_file(dir, RETIRED, certs_pem(&certs).as_bytes(), 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_prepares_then_activates_and_keeps_old_root() {
+        let dir = std::env::temp_dir().join(format!("svidcar-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::parse("example.org").unwrap();
+        let ttl = Duration::from_secs(600);
+        let t0 = SystemTime::now();
+        let mut set = CaSet::load(&CaSource::Embedded, &td, ttl, &dir, t0).unwrap();
+        let first = set.active().cert.clone();
+        assert_eq!(set.bundle_authorities(), vec![first.clone()]);
+        // Half life (+ backdate): next root published, not active.
+        assert!(set.tick(t0 + Duration::from_secs(320)).unwrap());
+        assert_eq!(set.bundle_authorities().len(), 2);
+        assert_eq!(set.active().cert, first);
+        // 1/6 remaining: next becomes active, old stays.
+        assert!(set.tick(t0 + Duration::from_secs(505)).unwrap());
+        assert_ne!(set.active().cert, first);
+        assert!(set.bundle_authorities().contains(&first));
+        // Reload keeps the same state.
+        let again = CaSet::load(
+            &CaSource::Embedded,
+            &td,
+            ttl,
+            &dir,
+            t0 + Duration::from_secs(506),
+        )
+        .unwrap();
+        assert_eq!(again.active().cert, set.active().cert);
+        assert!(again.bundle_authorities().contains(&first));
+        // Old root leaves once expired.
+        set.tick(t0 + Duration::from_secs(601)).unwrap();
+        assert!(!set.bundle_authorities().contains(&first));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,516 @@
+//! The SPIFFE Workload API server on the agent's unix socket.
+//!
+//! Every call: the `workload.spiffe.io: true` header (interceptor, else `InvalidArgument`),
+//! attestation of the caller from `SO_PEERCRED` (else `PermissionDenied`), and the entries
+//! matching its selectors (none: `PermissionDenied`). Streams send the full state at once,
+//! then again whenever the CA or a bundle changes and at half life of the SVIDs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use svidcar_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
+};
+use svidcar_proto::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::agent::attest::{self, Workload};
+use crate::agent::ca::IssuedSvid;
+use crate::agent::config::AgentConfig;
+use crate::agent::entries::{self, Entry};
+use crate::agent::health::Metrics;
+use crate::agent::{AgentError, TrustState};
+use crate::bundle::Bundle;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+/// The header every Workload API call must carry.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Rejects calls without `workload.spiffe.io: true` (the SPIFFE Workload Endpoint rule).
+#[allow(clippy::result_large_err)]
+pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
+    match req.metadata().get(SECURITY_HEADER) {
+        Some(v) if v == "true" => Ok(req),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request (workload.spiffe.io: true)",
+        )),
+    }
+}
+
+/// The service behind the socket.
+pub struct WorkloadApi {
+    config: Arc<AgentConfig>,
+    state: watch::Receiver<Arc<TrustState>>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Decrements the open-streams gauge when a stream ends.
+struct StreamGuard(Arc<Metrics>);
+impl StreamGuard {
+    fn new(m: &Arc<Metrics>) -> Self {
+        m.streams_open.inc();
+        Self(m.clone())
+    }
+}
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams_open.dec();
+    }
+}
+
+type Sender<T> = mpsc::Sender<Result<T, Status>>;
+
+impl WorkloadApi {
+    /// Attests the caller and returns it with its matching entries.
+    #[allow(clippy::result_large_err)]
+    fn entitled<T>(&self, req: &Request<T>) -> Result<(Workload, Vec<Entry>), Status> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred);
+        let workload = attest::unix::attest(cred, Path::new("/proc")).map_err(|e| {
+            self.metrics.attestation_failed(e.reason());
+            tracing::warn!(error = %e, "attestation failed");
+            Status::permission_denied(format!("caller could not be attested: {e}"))
+        })?;
+        let matched: Vec<Entry> = entries::matching(&self.config.entries, &workload.selectors)
+            .into_iter()
+            .cloned()
+            .collect();
+        if matched.is_empty() {
+            self.metrics.no_entry.inc();
+            tracing::info!(pid = workload.pid, selectors = ?workload.selectors,
+                "no registration entry matches the caller");
+            return Err(Status::permission_denied(
+                "no identity issued: no registration entry matches the caller",
+            ));
+        }
+        Ok((workload, matched))
+    }
+
+    fn stop_rx(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Foreign trust domains this set of entries may see: the union of their `federates_with`,
+/// or all when any entry leaves it empty.
+fn federated_for(entries: &[Entry]) -> Option<BTreeSet<TrustDomain>> {
+    if entries.iter().any(|e| e.federates_with.is_empty()) {
+        return None;
+    }
+    Some(
+        entries
+            .iter()
+            .flat_map(|e| e.federates_with.iter().cloned())
+            .collect(),
+    )
+}
+
+fn visible_federated<'a>(
+    st: &'a TrustState,
+    allowed: &'a Option<BTreeSet<TrustDomain>>,
+) -> impl Iterator<Item = &'a Bundle> + 'a {
+    st.federated
+        .iter()
+        .filter(move |(td, _)| allowed.as_ref().is_none_or(|a| a.contains(*td)))
+        .map(|(_, b)| b)
+}
+
+#[allow(clippy::result_large_err)]
+fn issue_all(
+    st: &TrustState,
+    entries: &[Entry],
+    default_ttl: Duration,
+    metrics: &Metrics,
+) -> Result<Vec<IssuedSvid>, Status> {
+    let now = SystemTime::now();
+    entries
+        .iter()
+        .map(|e| {
+            let s = st
+                .signer
+                .issue(&e.id, &e.hint, e.ttl.unwrap_or(default_ttl), now)
+                .map_err(|err| {
+                    tracing::error!(error = %err, id = %e.id, "cannot issue SVID");
+                    Status::unavailable(format!("agent cannot issue SVIDs right now: {err}"))
+                })?;
+            metrics.x509_svids_issued.inc();
+            Ok(s)
+        })
+        .collect()
+}
+
+fn x509_response(
+    st: &TrustState,
+    issued: &[IssuedSvid],
+    allowed: &Option<BTreeSet<TrustDomain>>,
+) -> X509svidResponse {
+    let bundle = st.bundle.x509_der_concat();
+    X509svidResponse {
+        svids: issued
+            .iter()
+            .map(|s| X509svid {
+                spiffe_id: s.id.as_str().to_string(),
+                x509_svid: s.chain_der.clone(),
+                x509_svid_key: s.key_pkcs8.clone(),
+                bundle: bundle.clone(),
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: visible_federated(st, allowed)
+            .filter(|b| !b.x509_authorities.is_empty())
+            .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
+            .collect(),
+    }
+}
+
+fn bundles_map(
+    st: &TrustState,
+    allowed: &Option<BTreeSet<TrustDomain>>,
+    x509: bool,
+) -> HashMap<String, Vec<u8>> {
+    std::iter::once(&*st.bundle)
+        .chain(visible_federated(st, allowed))
+        .filter(|b| {
+            if x509 {
+                !b.x509_authorities.is_empty()
+            } else {
+                !b.jwt_authorities.is_empty() || b.trust_domain == st.bundle.trust_domain
+            }
+        })
+        .map(|b| {
+            (
+                b.trust_domain.id_string(),
+                if x509 {
+                    b.x509_der_concat()
+                } else {
+                    b.jwt_jwks()
+                },
+            )
+        })
+        .collect()
+}
+
+/// The `FetchX509SVID` stream of one caller: issue lazily, re-issue at half life or when the
+/// signing CA changes, resend on bundle changes.
+async fn x509_stream(
+    mut state: watch::Receiver<Arc<TrustState>>,
+    entries: Vec<Entry>,
+    default_ttl: Duration,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+    tx: Sender<X509svidResponse>,
+) {
+    let _guard = StreamGuard::new(&metrics);
+    let allowed = federated_for(&entries);
+    let mut issued: Vec<IssuedSvid> = Vec::new();
+    let mut signer = String::new();
+    loop {
+        let st = state.borrow_and_update().clone();
+        let now = SystemTime::now();
+        let due = issued.iter().any(|s| now >= s.refresh_at());
+        if issued.is_empty() || due || st.signer.serial_hex != signer {
+            match issue_all(&st, &entries, default_ttl, &metrics) {
+                Ok(v) => issued = v,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+            signer = st.signer.serial_hex.clone();
+        }
+        if tx
+            .send(Ok(x509_response(&st, &issued, &allowed)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let refresh = issued
+            .iter()
+            .map(IssuedSvid::refresh_at)
+            .min()
+            .unwrap_or(now);
+        let wait = refresh
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(wait) => {}
+            _ = tx.closed() => return,
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// A bundles stream: send at once, then on every bundle change.
+async fn bundles_stream<T: Send + 'static>(
+    mut state: watch::Receiver<Arc<TrustState>>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+    tx: Sender<T>,
+    make: impl Fn(&TrustState) -> T,
+) {
+    let _guard = StreamGuard::new(&metrics);
+    let mut sent_version = 0;
+    loop {
+        let st = state.borrow_and_update().clone();
+        if st.bundles_version != sent_version {
+            if tx.send(Ok(make(&st))).await.is_err() {
+                return;
+            }
+            sent_version = st.bundles_version;
+        }
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            _ = tx.closed() => return,
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
+    type FetchX509BundlesStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
+    type FetchJWTBundlesStream = ReceiverStream<Result<JwtBundlesResponse, Status>>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let (workload, matched) = self.entitled(&req)?;
+        tracing::debug!(pid = workload.pid, ids = matched.len(), "FetchX509SVID");
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(x509_stream(
+            self.state.clone(),
+            matched,
+            self.config.svid_ttl,
+            self.metrics.clone(),
+            self.stop_rx(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let (_, matched) = self.entitled(&req)?;
+        let allowed = federated_for(&matched);
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(bundles_stream(
+            self.state.clone(),
+            self.metrics.clone(),
+            self.stop_rx(),
+            tx,
+            move |st| X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: bundles_map(st, &allowed, true),
+            },
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let (_, matched) = self.entitled(&req)?;
+        let allowed = federated_for(&matched);
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(bundles_stream(
+            self.state.clone(),
+            self.metrics.clone(),
+            self.stop_rx(),
+            tx,
+            move |st| JwtBundlesResponse {
+                bundles: bundles_map(st, &allowed, false),
+            },
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        if req.get_ref().audience.iter().all(|a| a.is_empty()) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let (_, matched) = self.entitled(&req)?;
+        let r = req.get_ref();
+        let wanted = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::parse(&r.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "spiffe_id {:?} is not a SPIFFE ID: {e}",
+                    r.spiffe_id
+                ))
+            })?)
+        };
+        let selected: Vec<&Entry> = matched
+            .iter()
+            .filter(|e| wanted.as_ref().is_none_or(|w| *w == e.id))
+            .collect();
+        if selected.is_empty() {
+            return Err(Status::permission_denied(
+                "the caller is not entitled to the requested SPIFFE ID",
+            ));
+        }
+        let audiences: Vec<String> = r
+            .audience
+            .iter()
+            .filter(|a| !a.is_empty())
+            .cloned()
+            .collect();
+        let st = self.state.borrow().clone();
+        let mut svids = Vec::new();
+        for e in selected {
+            let token = st
+                .jwt
+                .sign(&e.id, &audiences, self.config.jwt_svid_ttl)
+                .map_err(|err| Status::internal(format!("cannot sign JWT-SVID: {err}")))?;
+            self.metrics.jwt_svids_issued.inc();
+            svids.push(Jwtsvid {
+                spiffe_id: e.id.as_str().to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let (_, matched) = self.entitled(&req)?;
+        let st = self.state.borrow().clone();
+        let mut set = crate::bundle::BundleSet::new();
+        set.insert((*st.bundle).clone());
+        let allowed = federated_for(&matched);
+        for b in visible_federated(&st, &allowed) {
+            set.insert(b.clone());
+        }
+        let v = crate::jwt::validate(&r.svid, &r.audience, &set, SystemTime::now())
+            .map_err(|e| Status::invalid_argument(format!("JWT-SVID is not valid: {e}")))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: v.id.as_str().to_string(),
+            claims: Some(json_to_struct(v.claims)),
+        }))
+    }
+}
+
+fn json_to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(json_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// JWT claims as a `google.protobuf.Struct`.
+pub fn json_to_struct(m: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+    }
+}
+
+/// Binds the socket: creates the parent directory, replaces a stale socket file (refuses if
+/// another agent still answers on it, or if the path is not a socket), sets `mode`.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
+    let err = |reason: String| AgentError::Socket {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| err(format!("cannot create directory: {e}")))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(err(
+                "exists and is not a socket; refusing to replace it".into()
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err("another process is serving on this socket".into()));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+        tracing::info!(socket = %path.display(), "replaced a stale socket file");
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err(format!("cannot set mode {mode:o}: {e}")))?;
+    Ok(listener)
+}
+
+/// Serves the Workload API on `config.socket` until `shutdown`, then ends open streams,
+/// waits up to 5 s for calls to finish and removes the socket file.
+pub async fn serve(
+    config: Arc<AgentConfig>,
+    state: watch::Receiver<Arc<TrustState>>,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let listener = bind_socket(&config.socket, config.socket_mode)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = WorkloadApi {
+        config: config.clone(),
+        state,
+        metrics,
+        stop: stop_rx.clone(),
+    };
+    let svc = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
+    let mut server_stop = stop_rx;
+    let server = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        });
+    tokio::pin!(server);
+    let _ = ready.send(true);
+    tracing::info!(socket = %config.socket.display(), mode = format!("{:o}", config.socket_mode),
+        trust_domain = %config.trust_domain, entries = config.entries.len(), "Workload API listening");
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            let _ = ready.send(false);
+            let _ = stop_tx.send(true);
+            tokio::time::timeout(Duration::from_secs(5), &mut server).await.unwrap_or(Ok(()))
+        }
+    };
+    let _ = std::fs::remove_file(&config.socket);
+    result.map_err(|e| AgentError::Serve(e.to_string()))
+}
