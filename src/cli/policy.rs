@@ -1,12 +1,287 @@
-//! `svidcar policy` (stub: to be implemented).
+//! `svidcar policy check` and `svidcar policy lint` (POLICY.md §10): offline evaluation with
+//! exactly the engine the proxy runs.
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use svidcar_agent::SpiffeId;
+use svidcar_proxy::policy::{
+    normalize_name, normalize_path, Decision, Direction, PolicyLoadError, PolicySet, Protocol,
+    Request,
+};
+
 /// `svidcar policy`.
-#[derive(clap::Args)]
-pub struct PolicyCmd {}
+#[derive(Args)]
+pub struct PolicyCmd {
+    #[command(subcommand)]
+    command: PolicySub,
+}
+
+#[derive(Subcommand)]
+enum PolicySub {
+    /// Evaluate one connection or request and show which rules did or did not match.
+    Check(CheckArgs),
+    /// Print the lint warnings of a policy set (exit 1 if there are any).
+    Lint(LintArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DirectionArg {
+    Inbound,
+    Egress,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Http,
+    Grpc,
+    Tcp,
+    Tls,
+    Connect,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Policy file or directory.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// This proxy's own SPIFFE ID (selectors are matched against it).
+    #[arg(long)]
+    local_id: String,
+    /// Direction.
+    #[arg(long, value_enum)]
+    direction: DirectionArg,
+    /// Protocol (default: http if --method/--path given, else tcp).
+    #[arg(long, value_enum)]
+    protocol: Option<ProtocolArg>,
+    /// Inbound peer SPIFFE ID (verified X.509-SVID).
+    #[arg(long, conflicts_with = "plaintext")]
+    peer: Option<String>,
+    /// Plaintext peer (no identity). Neither --peer nor --plaintext also means unauthenticated.
+    #[arg(long)]
+    plaintext: bool,
+    /// Source IP.
+    #[arg(long)]
+    source_ip: Option<IpAddr>,
+    /// Original destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// HTTP method.
+    #[arg(long)]
+    method: Option<String>,
+    /// HTTP path (normalized with the set's pathNormalization before evaluation).
+    #[arg(long)]
+    path: Option<String>,
+    /// HTTP Host.
+    #[arg(long)]
+    host: Option<String>,
+    /// HTTP header NAME=VALUE (repeatable; repeated names are joined with ",").
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Egress TLS SNI.
+    #[arg(long)]
+    sni: Option<String>,
+    /// Egress CONNECT target HOST:PORT.
+    #[arg(long)]
+    connect: Option<String>,
+    /// Egress destination IP.
+    #[arg(long)]
+    dest_ip: Option<IpAddr>,
+    /// Egress mesh destination's expected SPIFFE ID.
+    #[arg(long)]
+    dest_spiffe_id: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct LintArgs {
+    /// Policy file or directory.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Local SPIFFE IDs the set is meant for (enables L006).
+    #[arg(long = "local-id")]
+    local_ids: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
 
 impl PolicyCmd {
+    /// Runs the subcommand.
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        anyhow::bail!("`svidcar policy` is not implemented yet")
+        match self.command {
+            PolicySub::Check(a) => check(a),
+            PolicySub::Lint(a) => lint(a),
+        }
     }
+}
+
+fn load_or_report(file: &PathBuf) -> Result<PolicySet, ExitCode> {
+    PolicySet::load(file).map_err(|e: PolicyLoadError| {
+        eprintln!("svidcar: policy set {} rejected:", file.display());
+        for issue in &e.issues {
+            eprintln!("  {issue}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn parse_id(s: &str, what: &str) -> anyhow::Result<SpiffeId> {
+    SpiffeId::parse_lenient(s).with_context(|| format!("{what} {s:?} is not a SPIFFE ID"))
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let set = match load_or_report(&a.file) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let local = parse_id(&a.local_id, "--local-id")?;
+    let peer = a
+        .peer
+        .as_deref()
+        .map(|p| parse_id(p, "--peer"))
+        .transpose()?;
+    let dest_id = a
+        .dest_spiffe_id
+        .as_deref()
+        .map(|p| parse_id(p, "--dest-spiffe-id"))
+        .transpose()?;
+    let policy = set.compile(&local);
+    let protocol = match a.protocol {
+        Some(ProtocolArg::Http) => Protocol::Http,
+        Some(ProtocolArg::Grpc) => Protocol::Grpc,
+        Some(ProtocolArg::Tcp) => Protocol::Tcp,
+        Some(ProtocolArg::Tls) => Protocol::Tls,
+        Some(ProtocolArg::Connect) => Protocol::Connect,
+        None if a.method.is_some() || a.path.is_some() => Protocol::Http,
+        None => Protocol::Tcp,
+    };
+    let direction = match a.direction {
+        DirectionArg::Inbound => Direction::Inbound,
+        DirectionArg::Egress => Direction::Egress,
+    };
+    let path = match &a.path {
+        Some(p) => Some(normalize_path(policy.settings().path_normalization, p)?),
+        None => None,
+    };
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for h in &a.headers {
+        let (k, v) = h
+            .split_once('=')
+            .with_context(|| format!("--header {h:?} must be NAME=VALUE"))?;
+        headers.push((k.trim().to_ascii_lowercase(), v.to_string()));
+    }
+    let (connect_host, connect_port) = match &a.connect {
+        Some(c) => {
+            let (h, p) = c
+                .rsplit_once(':')
+                .with_context(|| format!("--connect {c:?} must be HOST:PORT"))?;
+            let port: u16 = p
+                .parse()
+                .with_context(|| format!("--connect {c:?}: bad port"))?;
+            (Some(normalize_name(h).into_owned()), Some(port))
+        }
+        None => (None, None),
+    };
+    let host = a.host.as_deref().map(|h| normalize_name(h).into_owned());
+    let sni = a.sni.as_deref().map(|h| normalize_name(h).into_owned());
+    let mut req = Request::new(direction, protocol);
+    req.peer = peer.as_ref();
+    req.source_ip = a.source_ip;
+    req.destination_ip = a.dest_ip;
+    req.destination_port = a.port.or(connect_port);
+    req.destination_spiffe_id = dest_id.as_ref();
+    req.sni = sni.as_deref();
+    req.connect_authority = connect_host.as_deref();
+    req.host = host.as_deref();
+    req.method = a.method.as_deref();
+    req.path = path.as_deref();
+    req.headers = &headers;
+    let ex = policy.explain(&req);
+    match a.output {
+        Output::Json => {
+            let v = serde_json::json!({
+                "decision": ex.decision.label(),
+                "rule": ex.decision.reason.to_string(),
+                "shadow": ex.decision.shadow.as_ref().map(|s| serde_json::json!({
+                    "decision": if s.allow { "ALLOW" } else { "DENY" },
+                    "rule": s.reason.to_string(),
+                })),
+                "audit": ex.decision.audit.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                "rules": ex.rules,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Text => print_text(&ex.decision, &ex.rules),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_text(d: &Decision, rules: &[svidcar_proxy::policy::RuleCheck]) {
+    println!("{} by {}", d.label(), d.reason);
+    if let Some(s) = &d.shadow {
+        println!(
+            "dry-run: {} by {}",
+            if s.allow { "ALLOW" } else { "DENY" },
+            s.reason
+        );
+    }
+    if !d.audit.is_empty() {
+        println!("audit: {}", d.audit.join(", "));
+    }
+    if rules.is_empty() {
+        println!("rules: none for this direction");
+    }
+    for r in rules {
+        let name = r
+            .name
+            .as_deref()
+            .map(|n| format!(" [{n}]"))
+            .unwrap_or_default();
+        let mark = if r.matched {
+            "matched    "
+        } else {
+            "not matched"
+        };
+        println!("  {mark} {}{name}: {}", r.id, r.reason);
+    }
+}
+
+fn lint(a: LintArgs) -> anyhow::Result<ExitCode> {
+    let set = match load_or_report(&a.file) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let ids = a
+        .local_ids
+        .iter()
+        .map(|s| parse_id(s, "--local-id"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let warnings = set.lint(&ids);
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&warnings)?),
+        Output::Text => {
+            for w in &warnings {
+                println!("{w}");
+            }
+            if warnings.is_empty() {
+                println!("no warnings");
+            }
+        }
+    }
+    Ok(if warnings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
