@@ -57,7 +57,14 @@ pub trait X509Source {
     fn bundles(&self) -> &BundleSet;
 }
 
-// AGENT_CONTEXT_IMPL
+impl X509Source for svidcar_agent::client::X509Context {
+    fn svids(&self) -> &[X509Svid] {
+        &self.svids
+    }
+    fn bundles(&self) -> &BundleSet {
+        &self.bundles
+    }
+}
 
 /// One installed generation of credentials.
 pub struct Installed {

@@ -1,12 +1,116 @@
-//! `svidcar proxy` (stub: to be implemented).
+//! `svidcar proxy`: the sidecar. Flags override the YAML file given with `--config`.
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-/// `svidcar proxy`.
+use anyhow::Context;
+use svidcar_proxy::config::{InboundListener, OutboundRoute, ProxyConfig};
+use svidcar_proxy::{DefaultAuthorizer, Proxy};
+
+/// `svidcar proxy`: terminate mTLS for inbound traffic, originate it for outbound traffic,
+/// with the SVID streamed by the identity agent.
+///
+/// Examples:
+///
+///   # backend side: mTLS on :8443, forwarded to the app on 127.0.0.1:8080
+///   svidcar proxy --agent-socket /run/svidcar/agent.sock --inbound 0.0.0.0:8443=8080
+///
+///   # frontend side: the app calls 127.0.0.1:9000, which goes over mTLS to the backend,
+///   # which must present spiffe://example.org/backend
+///   svidcar proxy --outbound 127.0.0.1:9000=backend:8443,spiffe://example.org/backend
+///
+///   # transparent mode (after `svidcar init` installed the iptables rules)
+///   svidcar proxy --transparent --config /etc/svidcar/proxy.yaml
 #[derive(clap::Args)]
-pub struct ProxyCmd {}
+#[command(verbatim_doc_comment)]
+pub struct ProxyCmd {
+    /// YAML configuration file (every field optional; see the README for the schema).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The agent's Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET or /run/svidcar/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    agent_socket: Option<PathBuf>,
+    /// Admin listener: /ready /live /metrics /config [default: 127.0.0.1:15000].
+    #[arg(long, value_name = "ADDR")]
+    admin_addr: Option<std::net::SocketAddr>,
+    /// Explicit inbound listener: mTLS on ADDR, forwarded to 127.0.0.1:APP_PORT.
+    /// MODE is `strict` (default: mTLS only) or `permissive` (plaintext admitted as
+    /// unauthenticated). Repeatable. Example: `0.0.0.0:8443=8080:strict`.
+    #[arg(long = "inbound", value_name = "ADDR=APP_PORT[:MODE]")]
+    inbound: Vec<String>,
+    /// Explicit outbound route: plaintext listener on LISTEN_ADDR (loopback), mTLS to
+    /// UPSTREAM_ADDR, whose SVID must be ID (`spiffe://td/path`) or any ID of trust domain TD.
+    /// Repeatable. Example: `127.0.0.1:9000=backend:8443,spiffe://example.org/backend`.
+    #[arg(long = "outbound", value_name = "LISTEN_ADDR=UPSTREAM_ADDR,ID_OR_TD")]
+    outbound: Vec<String>,
+    /// Transparent mode: listeners :15001 (outbound) and :15006 (inbound) for traffic redirected
+    /// by iptables; original destinations from SO_ORIGINAL_DST.
+    #[arg(long)]
+    transparent: bool,
+    /// Authorization policy file or directory (reserved: the built-in policy is used until the
+    /// policy engine is wired in).
+    #[arg(long, value_name = "PATH")]
+    policy: Option<PathBuf>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
 
 impl ProxyCmd {
+    fn effective_config(&self) -> anyhow::Result<ProxyConfig> {
+        let mut config = match &self.config {
+            Some(path) => ProxyConfig::from_file(path)?,
+            None => ProxyConfig::default(),
+        };
+        if let Some(s) = &self.agent_socket {
+            config.agent_socket = s.clone();
+        }
+        if let Some(a) = self.admin_addr {
+            config.admin_addr = a;
+        }
+        for i in &self.inbound {
+            config.inbound.push(InboundListener::parse_flag(i)?);
+        }
+        for o in &self.outbound {
+            config.outbound.push(OutboundRoute::parse_flag(o)?);
+        }
+        if self.transparent {
+            config.transparent.enabled = true;
+        }
+        if let Some(p) = &self.policy {
+            config.policy = Some(p.clone());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Runs the proxy until SIGTERM/SIGINT, then drains.
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        anyhow::bail!("`svidcar proxy` is not implemented yet")
+        let config = self.effective_config()?;
+        if self.print_config {
+            print!("{}", serde_yaml_ng::to_string(&config)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if config.inbound.is_empty() && config.outbound.is_empty() && !config.transparent.enabled {
+            anyhow::bail!(
+                "nothing to do: give at least one --inbound, --outbound or --transparent"
+            );
+        }
+        if let Some(p) = &config.policy {
+            tracing::warn!(path = %p.display(), "policy files are not enforced yet by this build; the built-in policy is in force");
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("svidcar-proxy")
+            .build()
+            .context("starting the runtime")?;
+        rt.block_on(async move {
+            let proxy = Proxy::bind(&config, Arc::new(DefaultAuthorizer)).await?;
+            tracing::info!(admin = %proxy.admin_addr, agent_socket = %config.agent_socket.display(), "svidcar proxy started; waiting for an SVID");
+            let contexts = svidcar_agent::client::watch_x509_context(&config.agent_socket);
+            proxy.serve(contexts, svidcar_proxy::shutdown_signal()).await;
+            anyhow::Ok(())
+        })?;
+        Ok(ExitCode::SUCCESS)
     }
 }
