@@ -61,7 +61,7 @@ pub use load::{EffectiveSettings, LoadIssue, PolicyLoadError, SourcedPolicy};
 pub use log::log_decision;
 pub use model::{DefaultAction, Direction, OnPolicyChange, PathNormalization};
 pub use normalize::{normalize_path, query_part, PathError};
-pub use reload::{spawn_watcher, PolicyWatcher};
+pub use reload::{spawn_watcher, spawn_watcher_with, PolicyWatcher};
 pub use request::{
     normalize_name, Decision, HeaderSource, NoHeaders, Protocol, Reason, Request, RuleId, Verdict,
 };

@@ -105,9 +105,16 @@ pub fn spawn_watcher_with(
     let errors = Arc::new(AtomicU64::new(0));
     let reloads = Arc::new(AtomicU64::new(0));
     let (cur, errs, oks) = (current.clone(), errors.clone(), reloads.clone());
+    // Registered before returning, so a SIGHUP sent right after never hits the default action.
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; policy reload by file polling only");
+            None
+        }
+    };
     let task = tokio::spawn(async move {
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(poll);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let forced = tokio::select! {
