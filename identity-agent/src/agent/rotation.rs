@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::CertificateDer;
 
-use crate::agent::ca::{cert_validity, is_self_signed, CaError, SigningCa};
+use crate::agent::ca::{cert_validity, is_self_signed, CaError, SigningCa, BACKDATE};
 use crate::agent::config::CaSource;
 use crate::spiffe_id::TrustDomain;
 
@@ -248,12 +248,21 @@ impl CaSet {
         }
     }
 
+    /// When the active root was made (its `not_before` is backdated by [`BACKDATE`]) and for
+    /// how long: the schedule is relative to the intended lifetime, not the backdated one.
+    fn active_window(&self) -> (SystemTime, Duration) {
+        let start = self.active.not_before + BACKDATE.min(self.active.lifetime() / 4);
+        (start, self.active.not_after.duration_since(start).unwrap_or_default())
+    }
+
     fn prepare_at(&self) -> SystemTime {
-        self.active.not_before + self.active.lifetime() / 2
+        let (start, life) = self.active_window();
+        start + life / 2
     }
 
     fn activate_at(&self) -> SystemTime {
-        self.active.not_after - self.active.lifetime() / 6
+        let (_, life) = self.active_window();
+        self.active.not_after - life / 6
     }
 
     /// The next time [`CaSet::tick`] has something to do.
@@ -369,11 +378,13 @@ mod tests {
         let first = set.active().cert.clone();
         assert_eq!(set.bundle_authorities(), vec![first.clone()]);
         // Half life (+ backdate): next root published, not active.
-        assert!(set.tick(t0 + Duration::from_secs(320)).unwrap());
+        assert!(!set.tick(t0 + Duration::from_secs(290)).unwrap());
+        assert!(set.tick(t0 + Duration::from_secs(301)).unwrap());
         assert_eq!(set.bundle_authorities().len(), 2);
         assert_eq!(set.active().cert, first);
         // 1/6 remaining: next becomes active, old stays.
-        assert!(set.tick(t0 + Duration::from_secs(505)).unwrap());
+        assert!(!set.tick(t0 + Duration::from_secs(495)).unwrap());
+        assert!(set.tick(t0 + Duration::from_secs(501)).unwrap());
         assert_ne!(set.active().cert, first);
         assert!(set.bundle_authorities().contains(&first));
         // Reload keeps the same state.
