@@ -83,6 +83,7 @@ fn init_names(spec: &Value) -> Vec<&str> {
 fn injected_exceptions() -> pss::Exceptions<'static> {
     pss::Exceptions {
         net_admin_containers: &["svidcar-init"],
+        root_containers: &[],
         host_paths: &["/run/svidcar/sockets"],
         host_pid: false,
     }

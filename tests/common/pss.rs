@@ -9,6 +9,8 @@ use serde_json::Value;
 pub struct Exceptions<'a> {
     /// Containers that may run as root with `NET_ADMIN`/`NET_RAW` added (svidcar-init).
     pub net_admin_containers: &'a [&'a str],
+    /// Containers that may run as root (with every capability dropped): the node agent.
+    pub root_containers: &'a [&'a str],
     /// hostPath volume paths that are allowed.
     pub host_paths: &'a [&'a str],
     /// hostPID allowed (the agent's /proc attestation).
@@ -121,7 +123,7 @@ pub fn violations(spec: &Value, ex: &Exceptions) -> Vec<String> {
             .get("runAsUser")
             .or_else(|| pod_sc.get("runAsUser"))
             .and_then(Value::as_u64);
-        if !net_admin {
+        if !net_admin && !ex.root_containers.contains(&name) {
             if !non_root {
                 v.push(format!("{name}: runAsNonRoot must be true"));
             }
