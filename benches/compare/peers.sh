@@ -1,0 +1,305 @@
+# shellcheck shell=bash
+# Sourced by run.sh: certificates, backends and the four proxy pairs (config + start).
+# Every daemon runs in the foreground as a child of run.sh; its pid goes to PIDS_<system>
+# (the processes whose CPU and RSS are measured) and ALL_PIDS (stopped by the trap).
+
+TD=bench.svidcar
+CLIENT_ID="spiffe://$TD/client"
+SERVER_ID="spiffe://$TD/server"
+
+# Ports (loopback only). Backends: HTTP 20080, iperf3 20201.
+# Pair i (haproxy=1 stunnel=2 nginx=3 svidcar=4): client side plaintext 21i01 (HTTP) and
+# 21i02 (iperf3); server side mTLS 21i11 and 21i12. svidcar L7 route: 21403 -> 21413.
+B_HTTP=20080
+B_IPERF=20201
+pair_base() {
+    case "$1" in haproxy) echo 21100 ;; stunnel) echo 21200 ;; nginx) echo 21300 ;; svidcar|svidcar-l7) echo 21400 ;; esac
+}
+# http_port SYSTEM / iperf_port SYSTEM: where the load tool connects.
+http_port() {
+    case "$1" in
+    direct) echo $B_HTTP ;;
+    svidcar-l7) echo 21403 ;;
+    *) echo $(($(pair_base "$1") + 1)) ;;
+    esac
+}
+iperf_port() {
+    case "$1" in direct) echo $B_IPERF ;; *) echo $(($(pair_base "$1") + 2)) ;; esac
+}
+
+start_bg() { # name logfile cmd... ; sets LAST_PID
+    local name=$1 log=$2
+    shift 2
+    "$@" >"$log" 2>&1 </dev/null &
+    LAST_PID=$!
+    ALL_PIDS+=("$LAST_PID")
+    echo "  started $name (pid $LAST_PID)"
+}
+
+wait_port() { # port [seconds]
+    local port=$1 deadline=$((SECONDS + ${2:-20}))
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+        ((SECONDS < deadline)) || { echo "port $port did not open" >&2; return 1; }
+        sleep 0.1
+    done
+}
+
+gen_certs() {
+    local d=$WORK/certs
+    mkdir -p "$d"
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/ca.key" 2>/dev/null
+    openssl req -x509 -new -key "$d/ca.key" -subj "/O=svidcar bench/CN=bench root CA" -days 2 \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -addext "subjectAltName=URI:spiffe://$TD" -out "$d/ca.pem" 2>/dev/null
+    local who
+    for who in client server; do
+        openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/$who.key" 2>/dev/null
+        # X509-SVID shape: one URI SAN, not a CA, digitalSignature, server+client auth. The CN is
+        # only there because nginx's proxy_ssl_verify insists on a host name check.
+        openssl req -new -key "$d/$who.key" -subj "/CN=$who.$TD" -out "$d/$who.csr" 2>/dev/null
+        printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+            "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=URI:spiffe://$TD/$who" >"$d/$who.ext"
+        openssl x509 -req -in "$d/$who.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+            -days 2 -extfile "$d/$who.ext" -out "$d/$who.crt" 2>/dev/null
+        cat "$d/$who.crt" "$d/$who.key" >"$d/$who.pem" # HAProxy wants cert+key in one file
+    done
+    chmod 0644 "$d"/*
+    openssl x509 -in "$d/server.crt" -noout -ext subjectAltName | tail -1
+}
+
+start_backends() {
+    mkdir -p "$WORK/backend"
+    cat >"$WORK/backend/nginx.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $WORK/backend/nginx.pid;
+error_log $WORK/backend/error.log warn;
+events { worker_connections 65536; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 600s;
+    default_type text/plain;
+    server {
+        listen 127.0.0.1:$B_HTTP backlog=4096;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+    start_bg "backend nginx" "$WORK/backend/nginx.out" nginx -p "$WORK/backend" -c "$WORK/backend/nginx.conf" -e "$WORK/backend/error.log"
+    start_bg "backend iperf3" "$WORK/backend/iperf3.out" iperf3 -s -B 127.0.0.1 -p $B_IPERF
+    wait_port $B_HTTP && wait_port $B_IPERF
+}
+
+start_haproxy() {
+    local d=$WORK/haproxy b c=$WORK/certs
+    b=$(pair_base haproxy)
+    mkdir -p "$d"
+    # TCP mode, TLS 1.3 only, mutual verification against the bench CA (HAProxy docs,
+    # "ssl" / "verify required" / "ca-file"); defaults otherwise (threads = CPUs, TLS session
+    # cache and client-side session reuse on).
+    local common="global
+    maxconn 4000
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+    ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+    mode tcp
+    maxconn 4000
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m"
+    cat >"$d/client.cfg" <<EOF
+$common
+frontend http_in
+    bind 127.0.0.1:$((b + 1))
+    default_backend http_mtls
+backend http_mtls
+    server server 127.0.0.1:$((b + 11)) ssl crt $c/client.pem ca-file $c/ca.pem verify required
+frontend iperf_in
+    bind 127.0.0.1:$((b + 2))
+    default_backend iperf_mtls
+backend iperf_mtls
+    server server 127.0.0.1:$((b + 12)) ssl crt $c/client.pem ca-file $c/ca.pem verify required
+EOF
+    cat >"$d/server.cfg" <<EOF
+$common
+frontend http_mtls
+    bind 127.0.0.1:$((b + 11)) ssl crt $c/server.pem ca-file $c/ca.pem verify required
+    default_backend app_http
+backend app_http
+    server app 127.0.0.1:$B_HTTP
+frontend iperf_mtls
+    bind 127.0.0.1:$((b + 12)) ssl crt $c/server.pem ca-file $c/ca.pem verify required
+    default_backend app_iperf
+backend app_iperf
+    server app 127.0.0.1:$B_IPERF
+EOF
+    haproxy -c -q -f "$d/client.cfg" && haproxy -c -q -f "$d/server.cfg"
+    start_bg "haproxy server side" "$d/server.log" haproxy -db -f "$d/server.cfg"
+    PIDS_haproxy="$LAST_PID"
+    start_bg "haproxy client side" "$d/client.log" haproxy -db -f "$d/client.cfg"
+    PIDS_haproxy+=" $LAST_PID"
+    wait_port $((b + 11)) && wait_port $((b + 1))
+}
+
+start_stunnel() {
+    local d=$WORK/stunnel b c=$WORK/certs
+    b=$(pair_base stunnel)
+    mkdir -p "$d"
+    # stunnel manual: verifyChain + requireCert for mutual auth, CAfile, sslVersionMin.
+    local tls="cert = $c/CERT.crt
+key = $c/CERT.key
+CAfile = $c/ca.pem
+verifyChain = yes
+sslVersionMin = TLSv1.3"
+    cat >"$d/client.conf" <<EOF
+foreground = yes
+pid =
+syslog = no
+debug = warning
+[http]
+client = yes
+accept = 127.0.0.1:$((b + 1))
+connect = 127.0.0.1:$((b + 11))
+${tls//CERT/client}
+[iperf]
+client = yes
+accept = 127.0.0.1:$((b + 2))
+connect = 127.0.0.1:$((b + 12))
+${tls//CERT/client}
+EOF
+    cat >"$d/server.conf" <<EOF
+foreground = yes
+pid =
+syslog = no
+debug = warning
+[http]
+accept = 127.0.0.1:$((b + 11))
+connect = 127.0.0.1:$B_HTTP
+requireCert = yes
+${tls//CERT/server}
+[iperf]
+accept = 127.0.0.1:$((b + 12))
+connect = 127.0.0.1:$B_IPERF
+requireCert = yes
+${tls//CERT/server}
+EOF
+    start_bg "stunnel server side" "$d/server.log" stunnel4 "$d/server.conf"
+    PIDS_stunnel="$LAST_PID"
+    start_bg "stunnel client side" "$d/client.log" stunnel4 "$d/client.conf"
+    PIDS_stunnel+=" $LAST_PID"
+    wait_port $((b + 11)) && wait_port $((b + 1))
+}
+
+start_nginx() {
+    local d=$WORK/nginx b c=$WORK/certs
+    b=$(pair_base nginx)
+    mkdir -p "$d/client" "$d/server"
+    local head="load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto;
+daemon off;
+events { worker_connections 4096; }"
+    # nginx stream docs: proxy_ssl + proxy_ssl_verify with trusted CA and client certificate;
+    # server side ssl_verify_client on, shared session cache as recommended.
+    cat >"$d/client/nginx.conf" <<EOF
+$head
+pid $d/client/nginx.pid;
+error_log $d/client/error.log warn;
+stream {
+    proxy_ssl on;
+    proxy_ssl_protocols TLSv1.3;
+    proxy_ssl_certificate $c/client.crt;
+    proxy_ssl_certificate_key $c/client.key;
+    proxy_ssl_trusted_certificate $c/ca.pem;
+    proxy_ssl_verify on;
+    proxy_ssl_name server.$TD;
+    proxy_ssl_session_reuse on;
+    server { listen 127.0.0.1:$((b + 1)) backlog=4096; proxy_pass 127.0.0.1:$((b + 11)); }
+    server { listen 127.0.0.1:$((b + 2)); proxy_pass 127.0.0.1:$((b + 12)); }
+}
+EOF
+    cat >"$d/server/nginx.conf" <<EOF
+$head
+pid $d/server/nginx.pid;
+error_log $d/server/error.log warn;
+stream {
+    ssl_protocols TLSv1.3;
+    ssl_certificate $c/server.crt;
+    ssl_certificate_key $c/server.key;
+    ssl_client_certificate $c/ca.pem;
+    ssl_verify_client on;
+    ssl_session_cache shared:SSL:10m;
+    ssl_session_timeout 10m;
+    server { listen 127.0.0.1:$((b + 11)) ssl backlog=4096; proxy_pass 127.0.0.1:$B_HTTP; }
+    server { listen 127.0.0.1:$((b + 12)) ssl; proxy_pass 127.0.0.1:$B_IPERF; }
+}
+EOF
+    local side
+    for side in server client; do
+        start_bg "nginx $side side" "$d/$side/out.log" nginx -p "$d/$side" -c "$d/$side/nginx.conf" -e "$d/$side/error.log"
+        PIDS_nginx+=" $LAST_PID"
+    done
+    wait_port $((b + 11)) && wait_port $((b + 1))
+}
+
+admin_ready() { # port
+    local deadline=$((SECONDS + 30))
+    until curl -sf "http://127.0.0.1:$1/ready" >/dev/null; do
+        ((SECONDS < deadline)) || { echo "svidcar admin :$1 not ready after 30 s" >&2; return 1; }
+        sleep 0.2
+    done
+}
+
+# svidcar: agent (embedded CA) + two sidecars with SVIDs attested by binary path, like
+# `svidcar demo`. With S2b, a third sidecar (server identity) enforces the L7 policy.
+start_svidcar() {
+    local d=$WORK/svidcar b
+    b=$(pair_base svidcar)
+    mkdir -p "$d/bin"
+    local who
+    for who in client server; do
+        ln -f "$SVIDCAR_BIN" "$d/bin/svidcar-$who" 2>/dev/null || cp -f "$SVIDCAR_BIN" "$d/bin/svidcar-$who"
+    done
+    export SVIDCAR_LOG=${SVIDCAR_LOG:-warn}
+    start_bg "svidcar agent" "$d/agent.log" "$SVIDCAR_BIN" agent --trust-domain $TD \
+        --socket "$d/agent.sock" --state-dir "$d/agent-state" --health-addr off \
+        --entry "$CLIENT_ID=unix:path:$d/bin/svidcar-client" \
+        --entry "$SERVER_ID=unix:path:$d/bin/svidcar-server"
+    AGENT_PID=$LAST_PID
+    local deadline=$((SECONDS + 20))
+    until [[ -S $d/agent.sock ]]; do
+        ((SECONDS < deadline)) || { echo "agent socket did not appear" >&2; return 1; }
+        sleep 0.1
+    done
+    start_bg "svidcar server side" "$d/server.log" "$d/bin/svidcar-server" proxy \
+        --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 90)) \
+        --inbound "127.0.0.1:$((b + 11))=$B_HTTP:strict" --inbound "127.0.0.1:$((b + 12))=$B_IPERF:strict"
+    PIDS_svidcar="$LAST_PID"
+    local l7=()
+    if [[ ${WANT_L7:-0} == 1 ]]; then
+        cat >"$d/policy.yaml" <<EOF
+apiVersion: svidcar.io/v1alpha1
+kind: PolicySet
+policies:
+  - name: bench-client-may-get
+    direction: inbound
+    action: allow
+    rules:
+      - from: [{spiffeIds: ["$CLIENT_ID"]}]
+        to: [{methods: ["GET"], paths: ["/", "/index.html"]}]
+EOF
+        start_bg "svidcar server side (L7 policy)" "$d/server-l7.log" "$d/bin/svidcar-server" proxy \
+            --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 92)) --policy "$d/policy.yaml" \
+            --inbound "127.0.0.1:$((b + 13))=$B_HTTP:strict"
+        PIDS_svidcar_l7="$LAST_PID"
+        l7=(--outbound "127.0.0.1:$((b + 3))=127.0.0.1:$((b + 13)),$SERVER_ID")
+    fi
+    start_bg "svidcar client side" "$d/client.log" "$d/bin/svidcar-client" proxy \
+        --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 91)) \
+        --outbound "127.0.0.1:$((b + 1))=127.0.0.1:$((b + 11)),$SERVER_ID" \
+        --outbound "127.0.0.1:$((b + 2))=127.0.0.1:$((b + 12)),$SERVER_ID" "${l7[@]}"
+    PIDS_svidcar+=" $LAST_PID"
+    [[ -n ${PIDS_svidcar_l7:-} ]] && PIDS_svidcar_l7+=" $LAST_PID"
+    admin_ready $((b + 90)) && admin_ready $((b + 91))
+    if [[ -n ${PIDS_svidcar_l7:-} ]]; then admin_ready $((b + 92)); fi
+}

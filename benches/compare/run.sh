@@ -1,0 +1,289 @@
+#!/usr/bin/env bash
+# svidcar peer-comparison benchmark (BENCHMARKS.md): direct vs HAProxy, stunnel, nginx stream
+# and svidcar mTLS pairs, all on loopback, interleaved A B A B, medians, one table.
+#
+#   benches/compare/run.sh [--quick] [--reps N] [--scenarios S1,S2,S2b,S3,S4,S6,micro]
+#                          [--systems direct,haproxy,stunnel,nginx,svidcar] [--idle-conns 1000]
+#                          [--no-install] [--no-build] [--keep]
+#
+# --quick: one repetition of everything, no micro-benchmarks (smoke check, ~2 min).
+# Full: S1 x5, others x3, then S5/S7/S8 micro-benchmarks (cargo bench), ~15 min on 2 cores.
+# Needs root for apt-get (skipped when every tool is present) and a high fd limit (set here).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE=$ROOT/benches/compare
+QUICK=0 REPS="" INSTALL=1 BUILD=1 KEEP=0 IDLE_CONNS=1000
+SCENARIOS="S1,S2,S2b,S3,S4,S6,micro"
+SYSTEMS="direct,haproxy,stunnel,nginx,svidcar"
+while (($#)); do
+    case "$1" in
+    --quick) QUICK=1 ;;
+    --reps) REPS=$2; shift ;;
+    --scenarios) SCENARIOS=$2; shift ;;
+    --systems) SYSTEMS=$2; shift ;;
+    --idle-conns) IDLE_CONNS=$2; shift ;;
+    --no-install) INSTALL=0 ;;
+    --no-build) BUILD=0 ;;
+    --keep) KEEP=1 ;;
+    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if ((QUICK)); then
+    REPS=${REPS:-1} REPS_S1=${REPS}
+    SCENARIOS=${SCENARIOS/,micro/}
+else
+    REPS=${REPS:-3} REPS_S1=$((REPS < 5 ? 5 : REPS))
+fi
+has() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+IFS=, read -r -a SYSTEM_LIST <<<"$SYSTEMS"
+
+WORK=${BENCH_WORK:-$(mktemp -d /tmp/svidcar-bench.XXXXXX)}
+mkdir -p "$WORK"
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+ALL_PIDS=()
+PIDS_haproxy="" PIDS_stunnel="" PIDS_nginx="" PIDS_svidcar="" PIDS_svidcar_l7=""
+
+cleanup() {
+    local pid
+    for pid in "${ALL_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 50); do
+        local alive=0
+        for pid in "${ALL_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${ALL_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if ((KEEP)); then echo "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# shellcheck source=benches/compare/peers.sh
+source "$HERE/peers.sh"
+
+# ---------------------------------------------------------------- tools, build
+need_pkgs=()
+for t in haproxy:haproxy stunnel4:stunnel4 nginx:nginx iperf3:iperf3 wrk:wrk openssl:openssl curl:curl python3:python3; do
+    command -v "${t%%:*}" >/dev/null || need_pkgs+=("${t#*:}")
+done
+[[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] || need_pkgs+=(libnginx-mod-stream)
+if ((${#need_pkgs[@]})); then
+    ((INSTALL)) || { echo "missing: ${need_pkgs[*]} (drop --no-install)" >&2; exit 1; }
+    echo "== installing ${need_pkgs[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >"$WORK/apt.log" 2>&1 ||
+        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >"$WORK/apt.log" 2>&1; }
+fi
+if ((BUILD)); then
+    echo "== cargo build --release (svidcar, svidcar-loadgen)"
+    (cd "$ROOT" && cargo build --release -q -p svidcar --bin svidcar -p svidcar-loadgen)
+fi
+SVIDCAR_BIN=$ROOT/target/release/svidcar
+LOADGEN=$ROOT/target/release/svidcar-loadgen
+[[ -x $LOADGEN ]] || { echo "$LOADGEN missing (build first)" >&2; exit 1; }
+[[ -x $SVIDCAR_BIN || ",$SYSTEMS," != *,svidcar,* ]] || { echo "$SVIDCAR_BIN missing (build first)" >&2; exit 1; }
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+CLK_TCK=$(getconf CLK_TCK)
+tree_pids() { # pids and their children
+    local p
+    for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done
+}
+cpu_ticks() { # utime+stime of the given processes and their children, in clock ticks
+    local sum=0 p t
+    for p in $(tree_pids "$@"); do
+        t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
+rss_kb() {
+    local sum=0 p r
+    for p in $(tree_pids "$@"); do
+        r=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || r=0
+        sum=$((sum + ${r:-0}))
+    done
+    echo "$sum"
+}
+pids_of() { local v="PIDS_${1//-/_}"; echo "${!v:-}"; }
+
+# record SCENARIO SYSTEM REP -- CMD...: CMD prints "value work [extra]"; one TSV line:
+# scenario system rep value cpu_seconds work rss_kb extra
+record() {
+    local sc=$1 sys=$2 rep=$3
+    shift 4
+    local pids c0 c1 out rss
+    pids=$(pids_of "$sys")
+    c0=$(cpu_ticks $pids)
+    out=$("$@" 2>>"$WORK/errors.log") || out="nan 0 failed"
+    c1=$(cpu_ticks $pids)
+    rss=$(rss_kb $pids)
+    read -r v w x <<<"$out"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sc" "$sys" "$rep" "$v" \
+        "$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN {printf "%.3f", (b - a) / t}')" \
+        "${w:-0}" "$rss" "${x:-}" >>"$RESULTS"
+    printf '  %-4s %-10s rep %s: %s\n' "$sc" "$sys" "$rep" "$out"
+}
+
+# ---------------------------------------------------------------- scenario commands
+s1_iperf() { # port -> Gb/s bytes
+    iperf3 -c 127.0.0.1 -p "$1" -t 5 -J | python3 -c '
+import json, sys
+e = json.load(sys.stdin)["end"]["sum_received"]
+print("%.3f %d" % (e["bits_per_second"] / 1e9, e["bytes"]))'
+}
+wrk_run() { # port [extra wrk args] -> req/s requests errors
+    local port=$1
+    shift
+    wrk -t1 -c16 -d5s "$@" "http://127.0.0.1:$port/" | awk '
+        /requests in/ {n = $1}
+        /Requests\/sec/ {r = $2}
+        /Non-2xx/ {e += $NF}
+        /Socket errors/ {gsub(",", ""); e += $4 + $6 + $8 + $10}
+        END {if (n == "") exit 1; printf "%s %s errors=%d\n", r, n, e}'
+}
+s3_rate() { # port -> p50_us requests p99_us
+    "$LOADGEN" rate --url "http://127.0.0.1:$1/" --rate 1000 --conns 16 --duration 5 --warmup 1 |
+        awk '{for (i = 1; i <= NF; i++) {split($i, kv, "="); f[kv[1]] = kv[2]}
+              if (f["errors"] > 0) exit 1; print f["p50_us"], f["requests"], f["p99_us"]}'
+}
+
+l7_wired() { # the L7 route answers 403 for a path the policy does not allow
+    local code
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$(http_port svidcar-l7)/not-allowed") || true
+    [[ $code == 403 ]]
+}
+
+s6_idle() { # system -> per-proxy KB per idle connection, rss with, rss before
+    local sys=$1 pids before after lp n
+    pids=$(pids_of "$sys")
+    n=$(wc -w <<<"$pids")
+    before=$(rss_kb $pids)
+    "$LOADGEN" idle --addr "127.0.0.1:$(http_port "$sys")" --conns "$IDLE_CONNS" --hold 600 >"$WORK/idle.out" 2>&1 &
+    lp=$!
+    ALL_PIDS+=("$lp")
+    local deadline=$((SECONDS + 120))
+    until grep -q '^ready' "$WORK/idle.out"; do
+        if ! kill -0 "$lp" 2>/dev/null || ((SECONDS > deadline)); then
+            kill -TERM "$lp" 2>/dev/null || true
+            cat "$WORK/idle.out" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+    sleep 1
+    after=$(rss_kb $pids)
+    kill -TERM "$lp" 2>/dev/null || true
+    wait "$lp" 2>/dev/null || true
+    sleep 2 # let the proxies close their sides
+    awk -v a="$after" -v b="$before" -v n="$n" -v c="$IDLE_CONNS" \
+        'BEGIN {printf "%.1f %d before_kb=%d\n", (a - b) / n / c, a, b}'
+}
+
+# ---------------------------------------------------------------- start everything
+echo "== work dir $WORK; systems $SYSTEMS; scenarios $SCENARIOS; reps $REPS (S1 $REPS_S1)"
+echo "== certificates (ECDSA P-256, SPIFFE URI SANs)"
+gen_certs
+echo "== backends and pairs"
+start_backends
+ACTIVE=()
+for sys in "${SYSTEM_LIST[@]}"; do
+    [[ $sys == direct ]] && { ACTIVE+=(direct); continue; }
+    [[ $sys == svidcar ]] && has S2b && WANT_L7=1
+    if "start_$sys"; then ACTIVE+=("$sys"); else echo "!! $sys failed to start; left out (logs in $WORK/$sys)"; KEEP=1; fi
+done
+sleep 1
+for sys in "${ACTIVE[@]}"; do
+    [[ $sys == direct ]] && continue
+    pids=$(pids_of "$sys")
+    # fresh idle RSS, mean per proxy (before any traffic)
+    printf 'RSS\t%s\t1\t%s\t0\t0\t%s\t\n' "$sys" \
+        "$(awk -v r="$(rss_kb $pids)" -v n="$(wc -w <<<"$pids")" 'BEGIN {printf "%.2f", r / n / 1024}')" \
+        "$(rss_kb $pids)" >>"$RESULTS"
+done
+echo "== smoke: one request through every pair"
+for sys in "${ACTIVE[@]}"; do
+    curl -sf --max-time 10 "http://127.0.0.1:$(http_port "$sys")/" >/dev/null ||
+        { echo "!! $sys: no answer through the pair (logs in $WORK)"; KEEP=1; }
+done
+
+# ---------------------------------------------------------------- scenarios, interleaved
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+if has S1; then
+    echo "== S1 bulk: iperf3 -t 5, $REPS_S1 reps (load $(loadavg))"
+    for rep in $(seq "$REPS_S1"); do
+        for sys in "${ACTIVE[@]}"; do record S1 "$sys" "$rep" -- s1_iperf "$(iperf_port "$sys")"; done
+    done
+fi
+if has S2; then
+    echo "== S2 keep-alive HTTP: wrk -t1 -c16 -d5s, $REPS reps (load $(loadavg))"
+    for rep in $(seq "$REPS"); do
+        for sys in "${ACTIVE[@]}"; do record S2 "$sys" "$rep" -- wrk_run "$(http_port "$sys")"; done
+    done
+fi
+if has S2b; then
+    if [[ -n $PIDS_svidcar_l7 ]] && l7_wired; then
+        echo "== S2b keep-alive HTTP with L7 policy (svidcar only; compared with S2 figures)"
+        for rep in $(seq "$REPS"); do
+            for sys in haproxy svidcar-l7; do
+                if [[ $sys == haproxy ]]; then
+                    [[ " ${ACTIVE[*]} " == *" haproxy "* ]] && record S2b haproxy "$rep" -- wrk_run "$(http_port haproxy)"
+                else
+                    record S2b svidcar-l7 "$rep" -- wrk_run "$(http_port svidcar-l7)"
+                fi
+            done
+        done
+    else
+        echo "== S2b: n/a (L7 policy not wired)"
+        printf 'S2b\tsvidcar\t1\tn/a\t0\t0\t0\tL7 policy not wired\n' >>"$RESULTS"
+    fi
+fi
+if has S3; then
+    echo "== S3 open loop: 1000 req/s, 16 connections, 5 s (+1 s warm-up), $REPS reps (load $(loadavg))"
+    for rep in $(seq "$REPS"); do
+        for sys in "${ACTIVE[@]}"; do record S3 "$sys" "$rep" -- s3_rate "$(http_port "$sys")"; done
+    done
+fi
+if has S4; then
+    echo "== S4 connection churn: wrk -H 'Connection: close', $REPS reps (load $(loadavg))"
+    for rep in $(seq "$REPS"); do
+        for sys in "${ACTIVE[@]}"; do
+            record S4 "$sys" "$rep" -- wrk_run "$(http_port "$sys")" -H "Connection: close"
+        done
+    done
+fi
+if has S6; then
+    echo "== S6 memory: $IDLE_CONNS idle mTLS connections per pair"
+    for sys in "${ACTIVE[@]}"; do
+        [[ $sys == direct ]] && continue
+        record S6 "$sys" 1 -- s6_idle "$sys"
+    done
+fi
+
+# ---------------------------------------------------------------- micro-benchmarks
+MICRO=$WORK/micro.txt
+: >"$MICRO"
+if has micro; then
+    for b in handshake_s5 policy_s7 agent_s8; do
+        if [[ -f $ROOT/benches/$b.rs ]]; then
+            echo "== cargo bench --bench $b"
+            { echo "### $b"; (cd "$ROOT" && timeout 900 cargo bench -q --bench "$b" 2>&1) | grep -v '^$' | tail -40; } >>"$MICRO" ||
+                echo "(failed; see above)" >>"$MICRO"
+        fi
+    done
+fi
+
+# ---------------------------------------------------------------- table
+echo
+echo "== results ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(uname -r), load $(loadavg))"
+python3 "$HERE/table.py" "$RESULTS" "$IDLE_CONNS" | tee "$WORK/table.md"
+if [[ -s $MICRO ]]; then
+    echo
+    cat "$MICRO"
+fi
+cp "$RESULTS" "$ROOT/benches/compare/last-results.tsv" 2>/dev/null || true
+cp "$WORK/table.md" "$ROOT/benches/compare/last-table.md" 2>/dev/null || true
