@@ -31,7 +31,8 @@ async fn read_response(s: &mut TcpStream) -> anyhow::Result<()> {
 
 async fn open_one(addr: &str) -> anyhow::Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await?;
     tokio::time::timeout(Duration::from_secs(20), read_response(&mut s))
         .await
         .context("response timed out")??;

@@ -36,20 +36,28 @@ impl Flags {
             let Some(key) = k.strip_prefix("--") else {
                 bail!("unexpected argument {k:?}\n{USAGE}");
             };
-            let v = it.next().with_context(|| format!("--{key} needs a value"))?;
+            let v = it
+                .next()
+                .with_context(|| format!("--{key} needs a value"))?;
             out.push((key.to_string(), v.clone()));
         }
         Ok(Self(out))
     }
 
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn num<T: std::str::FromStr>(&self, key: &str, default: T) -> anyhow::Result<T> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| anyhow::anyhow!("--{key} {v:?}: not a number")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--{key} {v:?}: not a number")),
         }
     }
 }

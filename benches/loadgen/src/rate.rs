@@ -130,7 +130,10 @@ async fn conn_task(
 
 /// Runs the load and returns the latency report.
 pub async fn run(cfg: RateConfig) -> anyhow::Result<Report> {
-    anyhow::ensure!(cfg.rate > 0.0 && cfg.conns > 0, "--rate and --conns must be > 0");
+    anyhow::ensure!(
+        cfg.rate > 0.0 && cfg.conns > 0,
+        "--rate and --conns must be > 0"
+    );
     anyhow::ensure!(cfg.url.authority().is_some(), "--url needs host:port");
     let start = Instant::now() + Duration::from_millis(50);
     let record_from = start + cfg.warmup;
@@ -164,7 +167,9 @@ pub async fn run(cfg: RateConfig) -> anyhow::Result<Report> {
         all.extend(lat);
         errors += e;
     }
-    let measured = record_from.elapsed().min(cfg.duration + Duration::from_secs(60));
+    let measured = record_from
+        .elapsed()
+        .min(cfg.duration + Duration::from_secs(60));
     let _ = dispatcher.join();
     all.sort_unstable();
     Ok(Report {
