@@ -26,6 +26,8 @@ pub struct AdminState {
     pub listeners: Vec<serde_json::Value>,
     /// Which policy is in force.
     pub policy: String,
+    /// The authorizer (readiness: policy loaded).
+    pub authz: Arc<dyn crate::authz::Authorizer>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -61,7 +63,7 @@ impl AdminState {
             })
             .unwrap_or_default();
         json!({
-            "ready": self.creds.ready(),
+            "ready": self.creds.ready() && self.authz.ready(),
             "svid": svid,
             "bundles": bundles,
             "listeners": self.listeners,
@@ -72,11 +74,17 @@ impl AdminState {
     fn respond(&self, path: &str) -> Response<Full<Bytes>> {
         let (status, ctype, body) = match path {
             "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
-            "/ready" if self.creds.ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            "/ready" if self.creds.ready() && self.authz.ready() => {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            }
             "/ready" => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                "not ready: no valid SVID\n".to_string(),
+                format!(
+                    "not ready: svid={} policy={}\n",
+                    self.creds.ready(),
+                    self.authz.ready()
+                ),
             ),
             "/metrics" => {
                 let mut s = String::new();

@@ -62,6 +62,10 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize_inbound(&self, conn: &ConnAttrs<'_>) -> Verdict;
     /// One line for the startup log saying which policy is in force.
     fn describe(&self) -> String;
+    /// False until the policy is loaded (gates `/ready`).
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// The built-in posture when no policy is configured (POLICY.md §9).

@@ -14,6 +14,7 @@ pub mod detect;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod policy_authz;
 pub mod server;
 pub mod sys;
 

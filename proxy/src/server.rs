@@ -123,7 +123,7 @@ impl Proxy {
         let policy = authz.describe();
         let ctx = Arc::new(ProxyContext {
             creds: creds.clone(),
-            authz,
+            authz: authz.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             conns: Arc::new(Semaphore::new(max)),
@@ -134,6 +134,7 @@ impl Proxy {
             registry: metrics.register(),
             listeners: described,
             policy: policy.clone(),
+            authz,
         };
         let admin_addr = admin::spawn(config.admin_addr, Arc::new(state)).map_err(|source| {
             StartError::Bind {

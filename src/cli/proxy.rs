@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use svidcar_proxy::config::{InboundListener, OutboundRoute, ProxyConfig};
-use svidcar_proxy::{DefaultAuthorizer, Proxy};
+use svidcar_proxy::policy_authz::PolicyAuthorizer;
+use svidcar_proxy::{Authorizer, DefaultAuthorizer, Proxy};
 
 /// `svidcar proxy`: terminate mTLS for inbound traffic, originate it for outbound traffic,
 /// with the SVID streamed by the identity agent.
@@ -47,8 +48,8 @@ pub struct ProxyCmd {
     /// by iptables; original destinations from SO_ORIGINAL_DST.
     #[arg(long)]
     transparent: bool,
-    /// Authorization policy file or directory (reserved: the built-in policy is used until the
-    /// policy engine is wired in).
+    /// Authorization policy file or directory (YAML, hot-reloaded; inbound L4 decisions). Without
+    /// it the built-in policy admits authenticated peers of our own trust domain.
     #[arg(long, value_name = "PATH")]
     policy: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
@@ -96,16 +97,23 @@ impl ProxyCmd {
                 "nothing to do: give at least one --inbound, --outbound or --transparent"
             );
         }
-        if let Some(p) = &config.policy {
-            tracing::warn!(path = %p.display(), "policy files are not enforced yet by this build; the built-in policy is in force");
-        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("svidcar-proxy")
             .build()
             .context("starting the runtime")?;
         rt.block_on(async move {
-            let proxy = Proxy::bind(&config, Arc::new(DefaultAuthorizer)).await?;
+            let (authz, policy): (Arc<dyn Authorizer>, _) = match &config.policy {
+                Some(path) => {
+                    let p = PolicyAuthorizer::new(path.clone())?;
+                    (p.clone(), Some(p))
+                }
+                None => (Arc::new(DefaultAuthorizer), None),
+            };
+            let proxy = Proxy::bind(&config, authz).await?;
+            if let Some(p) = policy {
+                tokio::spawn(p.follow(proxy.credentials()));
+            }
             tracing::info!(admin = %proxy.admin_addr, agent_socket = %config.agent_socket.display(), "svidcar proxy started; waiting for an SVID");
             let contexts = svidcar_agent::client::watch_x509_context(&config.agent_socket);
             proxy.serve(contexts, svidcar_proxy::shutdown_signal()).await;

@@ -1,0 +1,105 @@
+//! The policy engine ([`crate::policy`]) behind the data plane's [`Authorizer`] seam (L4).
+//!
+//! Policies are compiled for this proxy's own SPIFFE ID, which is known only once the first
+//! SVID arrives: until then every connection is denied (`policy:not-loaded`) and the proxy is not
+//! ready. After that the policy watcher hot-reloads the files (a bad file is rejected and the old
+//! policy stays).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use svidcar_agent::SpiffeId;
+
+use crate::authz::{Authorizer, ConnAttrs, Verdict};
+use crate::credentials::Credentials;
+use crate::policy::{
+    self, CompiledPolicy, Direction, PolicyLoadError, PolicySet, Protocol, Request,
+};
+
+/// The compiled policy in force, for one local ID.
+struct Active {
+    local_id: SpiffeId,
+    policy: Arc<ArcSwap<CompiledPolicy>>,
+    _watcher: policy::PolicyWatcher,
+}
+
+/// Inbound authorization by the policy files at `path`.
+pub struct PolicyAuthorizer {
+    path: PathBuf,
+    active: ArcSwapOption<Active>,
+}
+
+impl PolicyAuthorizer {
+    /// Loads and validates `path` once (startup fails on a bad set); the watcher starts when the
+    /// first SVID is installed (see [`PolicyAuthorizer::follow`]).
+    pub fn new(path: PathBuf) -> Result<Arc<Self>, PolicyLoadError> {
+        PolicySet::load(&path)?;
+        Ok(Arc::new(Self {
+            path,
+            active: ArcSwapOption::empty(),
+        }))
+    }
+
+    /// Waits for our SPIFFE ID and (re)compiles the policy for it; call inside the data-plane
+    /// runtime.
+    pub async fn follow(self: Arc<Self>, creds: Arc<Credentials>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let Some(own) = creds.current().map(|c| c.id.clone()) else {
+                continue;
+            };
+            let current = self.active.load();
+            if current.as_ref().is_some_and(|a| a.local_id == own) {
+                continue;
+            }
+            match policy::spawn_watcher(self.path.clone(), own.clone()) {
+                Ok(w) => {
+                    tracing::info!(path = %self.path.display(), local_id = %own, "authorization policy in force");
+                    let policy = w.handle();
+                    self.active.store(Some(Arc::new(Active {
+                        local_id: own,
+                        policy,
+                        _watcher: w,
+                    })));
+                }
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, "policy failed to load; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Authorizer for PolicyAuthorizer {
+    fn authorize_inbound(&self, conn: &ConnAttrs<'_>) -> Verdict {
+        let Some(active) = self.active.load_full() else {
+            return Verdict::deny("policy:not-loaded");
+        };
+        let mut req = Request::new(Direction::Inbound, Protocol::Tcp);
+        req.peer = conn.peer;
+        req.source_ip = Some(conn.src.ip());
+        req.destination_ip = Some(conn.dst.ip());
+        req.destination_port = Some(conn.app_port);
+        let decision = active.policy.load().decide(&req);
+        policy::log_decision(&req, &decision);
+        Verdict {
+            allow: decision.allow,
+            rule: decision.reason.to_string(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.active.load().is_some()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "authorization policy from {} (hot-reloaded)",
+            self.path.display()
+        )
+    }
+}
