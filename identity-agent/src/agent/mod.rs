@@ -14,6 +14,8 @@ pub mod entries;
 pub mod federation;
 pub mod health;
 pub mod rotation;
+pub mod sds;
+pub mod sds_resources;
 pub mod workload_api;
 
 use std::collections::BTreeMap;

@@ -485,6 +485,12 @@ pub async fn serve(
 ) -> Result<(), AgentError> {
     let listener = bind_socket(&config.socket, config.socket_mode)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let sds = crate::agent::sds::Sds::new(
+        config.clone(),
+        state.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    );
     let api = WorkloadApi {
         config: config.clone(),
         state,
@@ -495,6 +501,7 @@ pub async fn serve(
     let mut server_stop = stop_rx;
     let server = tonic::transport::Server::builder()
         .add_service(svc)
+        .add_service(sds.into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             let _ = server_stop.wait_for(|s| *s).await;
         });
