@@ -22,9 +22,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 const SO_ORIGINAL_DST: libc::c_int = 80;
 
 /// The pre-REDIRECT destination of a redirected TCP connection. `is_v6` says which socket
-/// family the accepted socket has.
+/// family the accepted socket has; on a dual-stack socket an IPv4 connection (v4-mapped peer)
+/// answers only the IPv4 query, so the other family is tried when the first one fails.
 pub fn original_dst(sock: &impl AsRawFd, is_v6: bool) -> io::Result<SocketAddr> {
     let fd = sock.as_raw_fd();
+    original_dst_family(fd, is_v6).or_else(|e| original_dst_family(fd, !is_v6).map_err(|_| e))
+}
+
+fn original_dst_family(fd: RawFd, is_v6: bool) -> io::Result<SocketAddr> {
     if is_v6 {
         let mut addr = MaybeUninit::<libc::sockaddr_in6>::zeroed();
         let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;

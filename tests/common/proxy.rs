@@ -94,15 +94,37 @@ pub struct Sidecar {
     pub child: Option<Child>,
     pub admin: SocketAddr,
     pub log: PathBuf,
+    /// Network namespace the sidecar runs in (admin reached through `ip netns exec … curl`).
+    pub netns: Option<String>,
 }
 
 impl Sidecar {
     /// Starts the sidecar and waits until `/ready` says 200.
     pub fn start(name: &str, bin: &Path, socket: &Path, dir: &Path, args: &[String]) -> Self {
+        Self::start_in(None, name, bin, socket, dir, args)
+    }
+
+    /// [`Sidecar::start`] inside network namespace `netns` (if any).
+    pub fn start_in(
+        netns: Option<&str>,
+        name: &str,
+        bin: &Path,
+        socket: &Path,
+        dir: &Path,
+        args: &[String],
+    ) -> Self {
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let log = dir.join(format!("{name}-{}.log", admin.port()));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .env("NO_COLOR", "1")
             .args([
                 "--log",
@@ -123,6 +145,7 @@ impl Sidecar {
             child: Some(child),
             admin,
             log,
+            netns: netns.map(str::to_string),
         };
         s.wait_ready();
         s
@@ -131,7 +154,7 @@ impl Sidecar {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok((200, _)) = http_get(self.admin, "/ready") {
+            if let Ok((200, _)) = self.admin_get("/ready") {
                 return;
             }
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -173,9 +196,34 @@ impl Sidecar {
         }
     }
 
+    /// GET on the admin listener: (status, body).
+    pub fn admin_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let Some(ns) = &self.netns else {
+            return http_get(self.admin, path);
+        };
+        let url = format!("http://{}{path}", self.admin);
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    }
+
     /// `/metrics` text.
     pub fn metrics(&self) -> String {
-        http_get(self.admin, "/metrics").expect("GET /metrics").1
+        self.admin_get("/metrics").expect("GET /metrics").1
     }
 
     /// Sum of the samples of metric lines containing all of `needles`.
