@@ -68,7 +68,13 @@ impl ProxyContext {
                     continue;
                 }
             };
-            tokio::spawn(handle(self.clone(), stream, peer, permit));
+            let metrics = self.metrics.clone();
+            metrics.open_connections.inc();
+            let conn = handle(self.clone(), stream, peer, permit);
+            tokio::spawn(async move {
+                conn.await;
+                metrics.open_connections.dec();
+            });
         }
     }
 }
