@@ -17,12 +17,17 @@ use svidcar_agent::client::WorkloadApiClient;
 use svidcar_agent::{SpiffeId, TrustDomain};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -33,7 +38,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn start_agent(dir: &std::path::Path, ttl: &str) -> (Child, PathBuf) {
     let socket = dir.join("agent.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_svidcar"))
-        .args(["--log", "warn", "agent", "--health-addr", "off", "--svid-ttl", ttl])
+        .args([
+            "--log",
+            "warn",
+            "agent",
+            "--health-addr",
+            "off",
+            "--svid-ttl",
+            ttl,
+        ])
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
@@ -132,7 +145,10 @@ fn main() {
     let _ = std::fs::create_dir_all(&dir);
 
     let per_sec = sign_loop();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
 
     let (mut agent, socket) = start_agent(&dir.join("a"), "1h");
     let lat = rt.block_on(first_svid_latency(&socket, conns));

@@ -11,11 +11,19 @@ use svidcar_agent::{Bundle, TrustDomain};
 use x509_parser::prelude::*;
 
 async fn context(agent: &Agent) -> X509Context {
-    WorkloadApiClient::connect(&agent.socket).await.unwrap().fetch_x509_context().await.unwrap()
+    WorkloadApiClient::connect(&agent.socket)
+        .await
+        .unwrap()
+        .fetch_x509_context()
+        .await
+        .unwrap()
 }
 
 fn own_bundle_der(ctx: &X509Context) -> Vec<u8> {
-    ctx.bundles.get_by_name("svidcar.local").unwrap().x509_der_concat()
+    ctx.bundles
+        .get_by_name("svidcar.local")
+        .unwrap()
+        .x509_der_concat()
 }
 
 #[tokio::test]
@@ -23,16 +31,42 @@ async fn restart_keeps_the_root_and_key_files_are_private() {
     let dir = TempDir::new("ca-restart");
     let mut agent = Agent::start_in(dir.path(), &["--entry", &Agent::self_entry("r")]);
     let before = own_bundle_der(&context(&agent).await);
-    let mode = |f: &str| std::fs::metadata(agent.state_dir.join(f)).unwrap().permissions().mode() & 0o777;
+    let mode = |f: &str| {
+        std::fs::metadata(agent.state_dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("ca-key.pem"), 0o600);
     assert_eq!(mode("jwt-key.der"), 0o600);
-    assert_eq!(std::fs::metadata(&agent.state_dir).unwrap().permissions().mode() & 0o777, 0o700);
-    let jwt_before = WorkloadApiClient::connect(&agent.socket).await.unwrap().fetch_jwt_bundles().await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&agent.state_dir)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    let jwt_before = WorkloadApiClient::connect(&agent.socket)
+        .await
+        .unwrap()
+        .fetch_jwt_bundles()
+        .await
+        .unwrap();
     agent.restart();
     let after = own_bundle_der(&context(&agent).await);
     assert_eq!(before, after, "restart must keep the trust domain's root");
-    let jwt_after = WorkloadApiClient::connect(&agent.socket).await.unwrap().fetch_jwt_bundles().await.unwrap();
-    assert_eq!(jwt_before, jwt_after, "JWT authorities survive a restart too");
+    let jwt_after = WorkloadApiClient::connect(&agent.socket)
+        .await
+        .unwrap()
+        .fetch_jwt_bundles()
+        .await
+        .unwrap();
+    assert_eq!(
+        jwt_before, jwt_after,
+        "JWT authorities survive a restart too"
+    );
 }
 
 #[tokio::test]
@@ -96,7 +130,14 @@ async fn ca_rotation_publishes_the_next_root_before_it_signs() {
     let dir = TempDir::new("ca-rotate");
     let agent = Agent::start_in(
         dir.path(),
-        &["--ca-ttl", "12s", "--svid-ttl", "2s", "--entry", &Agent::self_entry("rot")],
+        &[
+            "--ca-ttl",
+            "12s",
+            "--svid-ttl",
+            "2s",
+            "--entry",
+            &Agent::self_entry("rot"),
+        ],
     );
     let mut c = WorkloadApiClient::connect(&agent.socket).await.unwrap();
     let mut stream = c.stream_x509_contexts().await.unwrap();
@@ -104,9 +145,15 @@ async fn ca_rotation_publishes_the_next_root_before_it_signs() {
     let mut seen: Vec<(Vec<u8>, Vec<Vec<u8>>, SystemTime)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(17);
     while Instant::now() < deadline {
-        let ctx = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap();
+        let ctx = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
         let svid = &ctx.svids[0];
-        assert!(svid.not_after > SystemTime::now(), "an expired SVID was served");
+        assert!(
+            svid.not_after > SystemTime::now(),
+            "an expired SVID was served"
+        );
         let roots: Vec<Vec<u8>> = ctx
             .bundles
             .get_by_name("svidcar.local")
@@ -126,9 +173,16 @@ async fn ca_rotation_publishes_the_next_root_before_it_signs() {
         }
         v
     };
-    assert!(signers.len() >= 2, "the CA rotated within 17s of a 12s CA\n{}", agent.log_text());
+    assert!(
+        signers.len() >= 2,
+        "the CA rotated within 17s of a 12s CA\n{}",
+        agent.log_text()
+    );
     for (i, (signer, roots, _)) in seen.iter().enumerate() {
-        assert!(roots.contains(signer), "message {i}: signing root not in the bundle");
+        assert!(
+            roots.contains(signer),
+            "message {i}: signing root not in the bundle"
+        );
         if i > 0 && *signer != seen[i - 1].0 {
             // First SVID from a new root: that root was already published in an earlier
             // message, and the previous root is still in the bundle.
@@ -136,13 +190,19 @@ async fn ca_rotation_publishes_the_next_root_before_it_signs() {
                 seen[..i].iter().any(|(_, r, _)| r.contains(signer)),
                 "message {i}: new root signed before it was in the bundle"
             );
-            assert!(roots.contains(&seen[i - 1].0), "message {i}: old root dropped too early");
+            assert!(
+                roots.contains(&seen[i - 1].0),
+                "message {i}: old root dropped too early"
+            );
         }
     }
     // The first root leaves the bundle once it expired.
     let first = signers[0];
     let last_roots = &seen.last().unwrap().1;
-    assert!(!last_roots.contains(first), "expired root still in the bundle after 17s");
+    assert!(
+        !last_roots.contains(first),
+        "expired root still in the bundle after 17s"
+    );
 }
 
 #[tokio::test]
@@ -154,7 +214,8 @@ async fn upstream_intermediate_signs_with_its_chain() {
     rp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     rp.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     rp.subject_alt_names = vec![SanType::URI("spiffe://svidcar.local".try_into().unwrap())];
-    rp.distinguished_name.push(rcgen::DnType::CommonName, "upstream root");
+    rp.distinguished_name
+        .push(rcgen::DnType::CommonName, "upstream root");
     let root = rp.self_signed(&root_key).unwrap();
     let issuer = rcgen::Issuer::new(rp, root_key);
     let int_key = KeyPair::generate().unwrap();
@@ -162,7 +223,8 @@ async fn upstream_intermediate_signs_with_its_chain() {
     ip.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ip.subject_alt_names = vec![SanType::URI("spiffe://svidcar.local".try_into().unwrap())];
-    ip.distinguished_name.push(rcgen::DnType::CommonName, "node intermediate");
+    ip.distinguished_name
+        .push(rcgen::DnType::CommonName, "node intermediate");
     let int = ip.signed_by(&int_key, &issuer).unwrap();
     let cert_file = dir.path().join("int.pem");
     std::fs::write(&cert_file, format!("{}{}", int.pem(), root.pem())).unwrap();
@@ -172,19 +234,34 @@ async fn upstream_intermediate_signs_with_its_chain() {
     let agent = Agent::start_in(
         dir.path(),
         &[
-            "--upstream-cert", cert_file.to_str().unwrap(),
-            "--upstream-key", key_file.to_str().unwrap(),
-            "--entry", &Agent::self_entry("up"),
+            "--upstream-cert",
+            cert_file.to_str().unwrap(),
+            "--upstream-key",
+            key_file.to_str().unwrap(),
+            "--entry",
+            &Agent::self_entry("up"),
         ],
     );
     let ctx = context(&agent).await;
     let svid = &ctx.svids[0];
     assert_eq!(svid.chain.len(), 2, "leaf + intermediate");
     assert_eq!(svid.chain[1].as_ref(), int.der().as_ref());
-    assert_eq!(own_bundle_der(&ctx), root.der().to_vec(), "bundle = upstream root only");
-    let id = svidcar_agent::svid::verify_chain(&svid.chain, &ctx.bundles, rustls::pki_types::UnixTime::now()).unwrap();
+    assert_eq!(
+        own_bundle_der(&ctx),
+        root.der().to_vec(),
+        "bundle = upstream root only"
+    );
+    let id = svidcar_agent::svid::verify_chain(
+        &svid.chain,
+        &ctx.bundles,
+        rustls::pki_types::UnixTime::now(),
+    )
+    .unwrap();
     assert_eq!(id.as_str(), "spiffe://svidcar.local/up");
-    assert!(!agent.state_dir.join("ca-key.pem").exists(), "no embedded root in upstream mode");
+    assert!(
+        !agent.state_dir.join("ca-key.pem").exists(),
+        "no embedded root in upstream mode"
+    );
 }
 
 fn foreign_root(td: &str) -> Vec<u8> {
@@ -207,15 +284,21 @@ async fn federated_bundle_files_are_served_and_reloaded() {
     let agent = Agent::start_in(
         dir.path(),
         &[
-            "--federate", &format!("other.org={}", file.display()),
-            "--federate", &format!("later.org={}", missing.display()),
-            "--entry", &Agent::self_entry("fed"),
+            "--federate",
+            &format!("other.org={}", file.display()),
+            "--federate",
+            &format!("later.org={}", missing.display()),
+            "--entry",
+            &Agent::self_entry("fed"),
         ],
     );
     let mut c = WorkloadApiClient::connect(&agent.socket).await.unwrap();
     let mut stream = c.stream_x509_contexts().await.unwrap();
     let ctx = stream.next().await.unwrap();
-    let other = ctx.bundles.get_by_name("other.org").expect("federated bundle served");
+    let other = ctx
+        .bundles
+        .get_by_name("other.org")
+        .expect("federated bundle served");
     assert_eq!(other.x509_der_concat(), first);
     assert!(ctx.bundles.get_by_name("later.org").is_none());
     let bundles = c.fetch_bundles().await.unwrap();
@@ -230,8 +313,17 @@ async fn federated_bundle_files_are_served_and_reloaded() {
     std::fs::write(&missing, b"{not json").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let ctx = tokio::time::timeout_at(deadline.into(), stream.next()).await.expect("pushed").unwrap();
-        if ctx.bundles.get_by_name("other.org").unwrap().x509_der_concat() == second {
+        let ctx = tokio::time::timeout_at(deadline.into(), stream.next())
+            .await
+            .expect("pushed")
+            .unwrap();
+        if ctx
+            .bundles
+            .get_by_name("other.org")
+            .unwrap()
+            .x509_der_concat()
+            == second
+        {
             assert!(ctx.bundles.get_by_name("later.org").is_none());
             break;
         }

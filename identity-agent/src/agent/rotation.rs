@@ -248,21 +248,40 @@ impl CaSet {
         }
     }
 
-    /// When the active root was made (its `not_before` is backdated by [`BACKDATE`]) and for
-    /// how long: the schedule is relative to the intended lifetime, not the backdated one.
-    fn active_window(&self) -> (SystemTime, Duration) {
-        let start = self.active.not_before + BACKDATE.min(self.active.lifetime() / 4);
-        (start, self.active.not_after.duration_since(start).unwrap_or_default())
+    /// When a root we generated was made: its `not_before` is backdated by [`BACKDATE`], and
+    /// the schedule is relative to the intended lifetime, not the backdated one.
+    fn made_at(ca: &SigningCa) -> SystemTime {
+        if ca.lifetime() > BACKDATE {
+            ca.not_before + BACKDATE
+        } else {
+            ca.not_before
+        }
     }
 
     fn prepare_at(&self) -> SystemTime {
-        let (start, life) = self.active_window();
-        start + life / 2
+        let start = Self::made_at(&self.active);
+        start
+            + self
+                .active
+                .not_after
+                .duration_since(start)
+                .unwrap_or_default()
+                / 2
     }
 
-    fn activate_at(&self) -> SystemTime {
-        let (_, life) = self.active_window();
-        self.active.not_after - life / 6
+    /// At 1/6 of the lifetime remaining, but never before the next root has been in the
+    /// bundle for a grace period (1/12 of its lifetime, at most a minute), so every stream
+    /// has pushed it before the first SVID it signs.
+    fn activate_at(&self) -> Option<SystemTime> {
+        let next = self.next.as_ref()?;
+        let start = Self::made_at(&self.active);
+        let life = self
+            .active
+            .not_after
+            .duration_since(start)
+            .unwrap_or_default();
+        let grace = (next.lifetime() / 12).min(Duration::from_secs(60));
+        Some((self.active.not_after - life / 6).max(Self::made_at(next) + grace))
     }
 
     /// The next time [`CaSet::tick`] has something to do.
@@ -270,11 +289,7 @@ impl CaSet {
         let Mode::Embedded { .. } = self.mode else {
             return None;
         };
-        let mut t = if self.next.is_some() {
-            self.activate_at()
-        } else {
-            self.prepare_at()
-        };
+        let mut t = self.activate_at().unwrap_or_else(|| self.prepare_at());
         for r in &self.retired {
             t = t.min(r.not_after);
         }
@@ -304,12 +319,14 @@ impl CaSet {
             tracing::warn!(expired = ?self.active.not_after, "active CA expired while the agent was down; generating a new root");
             self.next = None;
             self.prepare(&td, ttl, &dir, now)?;
+            changed = true;
         }
         if self.next.is_none() && now >= self.prepare_at() {
             self.prepare(&td, ttl, &dir, now)?;
             changed = true;
         }
-        if self.next.is_some() && now >= self.activate_at() {
+        let expired = now >= self.active.not_after;
+        if self.activate_at().is_some_and(|at| now >= at || expired) {
             self.activate(&dir, now)?;
             changed = true;
         }
@@ -401,6 +418,32 @@ mod tests {
         // Old root leaves once expired.
         set.tick(t0 + Duration::from_secs(601)).unwrap();
         assert!(!set.bundle_authorities().contains(&first));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn never_activates_a_root_in_the_tick_that_published_it_and_survives_downtime() {
+        let dir = std::env::temp_dir().join(format!("svidcar-rot2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::parse("example.org").unwrap();
+        let ttl = Duration::from_secs(600);
+        let t0 = SystemTime::now();
+        let mut set = CaSet::load(&CaSource::Embedded, &td, ttl, &dir, t0).unwrap();
+        let first = set.active().cert.clone();
+        // Late tick (both deadlines passed): publish only.
+        assert!(set.tick(t0 + Duration::from_secs(550)).unwrap());
+        assert_eq!(set.active().cert, first);
+        assert_eq!(set.bundle_authorities().len(), 2);
+        // After the grace period: activate.
+        assert!(set
+            .tick(t0 + Duration::from_secs(551) + Duration::from_secs(50))
+            .unwrap());
+        assert_ne!(set.active().cert, first);
+        // Downtime beyond every CA: a fresh root at once, expired ones gone.
+        let late = t0 + Duration::from_secs(5000);
+        let set = CaSet::load(&CaSource::Embedded, &td, ttl, &dir, late).unwrap();
+        assert!(set.active().not_after > late);
+        assert_eq!(set.bundle_authorities().len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
