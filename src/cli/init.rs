@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::ValueEnum;
-use svidcar_proxy::init::{self, Backend, Cidr, InterceptionConfig};
+use svidcar_proxy::init::{self, Backend, Cidr, Family, InterceptionConfig};
 
 /// Rule backend.
 #[derive(Clone, Copy, ValueEnum)]
@@ -100,6 +100,11 @@ impl InitCmd {
             exclude_outbound_cidrs: self.exclude_outbound_cidrs,
             ipv6,
         };
+        if !ipv6 && !config.outbound_cidrs(Family::V6).is_empty() {
+            tracing::warn!(
+                "IPv6 is off: the IPv6 networks of --exclude-outbound-cidrs are ignored"
+            );
+        }
         if self.dry_run {
             print!("{}", init::render(&config, backend));
             return Ok(ExitCode::SUCCESS);

@@ -227,3 +227,7 @@ pub fn plan(object: &Value, kind: &str, config: &InjectConfig) -> Result<Plan, I
     }
     Ok(Plan::Patch(ops))
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;
