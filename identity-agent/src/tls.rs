@@ -336,10 +336,17 @@ pub fn peer_spiffe_id(conn: &CommonState) -> Option<SpiffeId> {
 /// A readable reason for a failed handshake (for logs and metric labels): a short, stable
 /// `label` and the full message.
 pub fn classify_handshake_error(err: &std::io::Error) -> (&'static str, String) {
-    let msg = err.to_string();
     let inner = err
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>());
+    // rustls prints `CertificateError::Other` with Debug; use our operator message instead.
+    let msg = match inner {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) => {
+            o.0.downcast_ref::<TlsError>()
+                .map_or_else(|| err.to_string(), |t| t.to_string())
+        }
+        _ => err.to_string(),
+    };
     let label = match inner {
         Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
         Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) => {
@@ -362,4 +369,21 @@ pub fn classify_handshake_error(err: &std::io::Error) -> (&'static str, String) 
         None => "io_error",
     };
     (label, msg)
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn certificate_rejections_read_as_operator_messages() {
+        let e = cert_error(TlsError::Svid(SvidError::MultipleUriSans(2)));
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let (label, msg) = classify_handshake_error(&io);
+        assert_eq!(label, "invalid_svid");
+        assert_eq!(
+            msg,
+            "peer certificate rejected: leaf certificate has 2 URI SANs (exactly one is allowed)"
+        );
+    }
 }

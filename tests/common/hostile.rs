@@ -1,0 +1,254 @@
+//! Test support for hostile-input and fault tests: certificates forged with the agent's real CA
+//! key (read from its state dir, as an attacker who stole it or a buggy issuer would), a raw
+//! rustls mTLS client that presents any chain, and a proxy process started by hand (for tests
+//! that need it before the agent exists or with a config file).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::proxy::http_get;
+use super::{free_port, BIN};
+
+/// The agent's signing CA, loaded from `<state_dir>/ca-cert.pem` and `ca-key.pem`.
+pub struct AgentCa {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// What to put in a forged leaf.
+pub struct Leaf {
+    pub uris: Vec<String>,
+    pub is_ca: bool,
+    /// Valid from January 1st of the first year to January 1st of the second.
+    pub years: (i32, i32),
+}
+
+impl Leaf {
+    /// A structurally valid SVID for `id`, valid from 2020 to 2090.
+    pub fn svid(id: &str) -> Self {
+        Self {
+            uris: vec![id.to_string()],
+            is_ca: false,
+            years: (2020, 2090),
+        }
+    }
+}
+
+impl AgentCa {
+    /// Loads the active CA of an agent's state directory.
+    pub fn load(state_dir: &Path) -> Self {
+        let cert = std::fs::read_to_string(state_dir.join("ca-cert.pem")).expect("ca-cert.pem");
+        let key = std::fs::read_to_string(state_dir.join("ca-key.pem")).expect("ca-key.pem");
+        let key = KeyPair::from_pem(&key).expect("CA key");
+        // The first PEM block is the signing certificate.
+        let first = cert
+            .split_inclusive("-----END CERTIFICATE-----")
+            .next()
+            .expect("a certificate");
+        Self {
+            issuer: Issuer::from_ca_cert_pem(first, key).expect("CA issuer"),
+        }
+    }
+
+    /// Signs a leaf built from `leaf` (SVID-shaped unless told otherwise); returns (chain, key).
+    pub fn forge(&self, leaf: &Leaf) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        if leaf.is_ca {
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyCertSign,
+            ];
+        } else {
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        }
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.subject_alt_names = leaf
+            .uris
+            .iter()
+            .map(|u| SanType::URI(u.as_str().try_into().expect("ia5")))
+            .collect();
+        p.not_before = rcgen::date_time_ymd(leaf.years.0, 1, 1);
+        p.not_after = rcgen::date_time_ymd(leaf.years.1, 1, 1);
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &self.issuer).expect("sign");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone()], key)
+    }
+}
+
+/// Accepts any server certificate: these tests probe the proxy's *client* verification.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to `port` with mTLS presenting `chain`/`key` (ALPN `svidcar/1`), sends an HTTP GET
+/// and returns the response text, or the error that ended the exchange.
+pub fn mtls_get(
+    port: u16,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<String, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"svidcar/1".to_vec()];
+    let name = ServerName::try_from("backend").expect("name");
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    match tls.read_to_end(&mut out) {
+        Ok(_) if !out.is_empty() => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Ok(_) => Err("closed without a response".into()),
+        Err(e) if !out.is_empty() => Err(format!("read after {} bytes: {e}", out.len())),
+        Err(e) => Err(format!("read: {e}")),
+    }
+}
+
+/// A `svidcar proxy` process started by hand (no readiness wait), killed on drop.
+pub struct RawProxy {
+    pub child: Option<Child>,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl RawProxy {
+    /// Starts `svidcar --log <filter> proxy --agent-socket <socket> --admin-addr <free> <args>`.
+    pub fn spawn(dir: &Path, filter: &str, socket: &Path, args: &[String]) -> Self {
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let log = dir.join(format!("proxy-{}.log", admin.port()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(BIN)
+            .env("NO_COLOR", "1")
+            .args(["--log", filter, "proxy", "--agent-socket"])
+            .arg(socket)
+            .args(["--admin-addr", &admin.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start svidcar proxy");
+        Self {
+            child: Some(child),
+            admin,
+            log,
+        }
+    }
+
+    /// `GET path` on the admin listener: status (0 if it does not answer).
+    pub fn admin_status(&self, path: &str) -> u16 {
+        http_get(self.admin, path).map(|(s, _)| s).unwrap_or(0)
+    }
+
+    /// Waits until `GET path` answers `status`, up to `within`; returns whether it did.
+    pub fn wait_status(&self, path: &str, status: u16, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.admin_status(path) == status {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RawProxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits up to `within` for a line of `text()` containing all `needles`.
+pub fn wait_line(text: impl Fn() -> String, needles: &[&str], within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(l) = text()
+            .lines()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            return Some(l.to_string());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes a proxy YAML config with these `limits:` lines (e.g. `"handshake_timeout: 1s"`).
+pub fn limits_config(dir: &Path, limits: &[&str]) -> PathBuf {
+    let mut text = String::from("limits:\n");
+    for l in limits {
+        text.push_str("  ");
+        text.push_str(l);
+        text.push('\n');
+    }
+    let p = dir.join(format!("proxy-{}.yaml", free_port()));
+    std::fs::write(&p, text).expect("write config");
+    p
+}
