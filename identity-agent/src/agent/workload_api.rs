@@ -6,7 +6,6 @@
 //! then again whenever the CA or a bundle changes and at half life of the SVIDs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,7 +16,6 @@ use svidcar_proto::workload::{
     X509svid, X509svidRequest, X509svidResponse,
 };
 use svidcar_proto::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
-use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::server::UdsConnectInfo;
@@ -31,6 +29,12 @@ use crate::agent::health::Metrics;
 use crate::agent::{AgentError, TrustState};
 use crate::bundle::Bundle;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+mod claims;
+mod socket;
+
+pub use claims::json_to_struct;
+pub use socket::bind_socket;
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -421,57 +425,6 @@ impl SpiffeWorkloadApi for WorkloadApi {
             claims: Some(json_to_struct(v.claims)),
         }))
     }
-}
-
-fn json_to_value(v: serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_to_value).collect(),
-        }),
-        serde_json::Value::Object(o) => Kind::StructValue(json_to_struct(o)),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
-/// JWT claims as a `google.protobuf.Struct`.
-pub fn json_to_struct(m: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
-    prost_types::Struct {
-        fields: m.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
-    }
-}
-
-/// Binds the socket: creates the parent directory, replaces a stale socket file (refuses if
-/// another agent still answers on it, or if the path is not a socket), sets `mode`.
-pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
-    let err = |reason: String| AgentError::Socket {
-        path: path.display().to_string(),
-        reason,
-    };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| err(format!("cannot create directory: {e}")))?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(err(
-                "exists and is not a socket; refusing to replace it".into()
-            ));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err("another process is serving on this socket".into()));
-        }
-        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
-        tracing::info!(socket = %path.display(), "replaced a stale socket file");
-    }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| err(format!("cannot set mode {mode:o}: {e}")))?;
-    Ok(listener)
 }
 
 /// Serves the Workload API on `config.socket` until `shutdown`, then ends open streams,
