@@ -36,6 +36,10 @@ impl Drop for Webhook {
 
 impl Webhook {
     fn start(tag: &str) -> Webhook {
+        Self::start_with(tag, &[])
+    }
+
+    fn start_with(tag: &str, extra: &[&str]) -> Webhook {
         let dir =
             std::env::temp_dir().join(format!("svidcar-webhook-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -58,6 +62,7 @@ impl Webhook {
             .arg(dir.join("tls.crt"))
             .arg("--tls-key")
             .arg(dir.join("tls.key"))
+            .args(extra)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -332,4 +337,32 @@ fn refuses_to_start_with_a_missing_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/tls.crt"), "{err}");
+}
+
+#[test]
+fn keeps_answering_during_the_sigterm_drain_then_exits() {
+    if !have_curl() {
+        return;
+    }
+    let mut webhook = Webhook::start_with("drain", &["--drain-seconds", "2"]);
+    let pid = webhook.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        webhook.curl("GET", "/healthz", None),
+        (200, "ok\n".to_string())
+    );
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = webhook.child.try_wait().unwrap() {
+            assert!(status.success(), "exit after drain: {status}");
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "did not exit after the drain"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

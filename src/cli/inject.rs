@@ -52,6 +52,23 @@ pub struct InjectCmd {
     /// Webhook TLS private key (PEM).
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, keep serving this many seconds before exiting.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
+}
+
+/// Installs the SIGTERM and SIGINT handlers now (so no signal is missed) and returns a future
+/// that resolves on the first of them.
+fn terminated() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    })
 }
 
 impl InjectCmd {
@@ -86,7 +103,23 @@ impl InjectCmd {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(webhook::serve(self.listen, tls, config))?;
+            let drain = std::time::Duration::from_secs(self.drain_seconds);
+            runtime.block_on(async move {
+                let stop = terminated()?;
+                let serve = webhook::serve(self.listen, tls, config);
+                tokio::pin!(serve);
+                tokio::select! {
+                    result = &mut serve => result,
+                    _ = async {
+                        stop.await;
+                        // Endpoints are removed while we are told to stop: keep answering
+                        // for a while so no admission request hits a closed port.
+                        tracing::info!(drain_seconds = drain.as_secs(), "stopping after the drain");
+                        tokio::time::sleep(drain).await;
+                    } => Ok(()),
+                }
+                .map_err(anyhow::Error::from)
+            })?;
             return Ok(ExitCode::SUCCESS);
         }
         let filename = self.filename.as_deref().unwrap_or("-");
