@@ -62,6 +62,8 @@ pub struct AgentCmd {
     /// Health/metrics listener (`/live`, `/ready`, `/metrics`), or `off` [default: 127.0.0.1:8088].
     #[arg(long)]
     health_addr: Option<String>,
+    #[command(flatten)]
+    federation: super::agent_federation::FederationArgs,
 }
 
 impl AgentCmd {
@@ -99,6 +101,7 @@ impl AgentCmd {
                 federates_with: Vec::new(),
             });
         }
+        self.federation.apply(&mut f)?;
         for fed in &self.federate {
             f.federation.push(parse_federate_flag(fed)?);
         }

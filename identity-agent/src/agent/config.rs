@@ -153,6 +153,13 @@ pub struct AgentFile {
     pub upstream: Option<UpstreamFile>,
     /// How often federated bundle files are checked for changes.
     pub federation_poll: Option<String>,
+    /// SPIFFE bundle endpoint serving our bundle (see `agent::bundle_endpoint`).
+    pub bundle_endpoint: Option<crate::agent::bundle_endpoint::BundleEndpointFile>,
+    /// Foreign bundle endpoints to poll (see `agent::federation_client`).
+    #[serde(default)]
+    pub federation_endpoints: Vec<crate::agent::federation_client::EndpointFile>,
+    /// Lower bound on the bundle endpoint poll interval (default 30s).
+    pub federation_min_refresh: Option<String>,
 }
 
 impl AgentFile {
@@ -205,6 +212,10 @@ pub struct AgentConfig {
     pub federation: Vec<FederatedFile>,
     pub ca: CaSource,
     pub federation_poll: Duration,
+    /// Serve our bundle on a SPIFFE bundle endpoint.
+    pub bundle_endpoint: Option<crate::agent::bundle_endpoint::BundleEndpointConfig>,
+    /// Foreign bundle endpoints polled into the federated bundles.
+    pub federation_endpoints: crate::agent::federation_client::FederationEndpoints,
 }
 
 impl AgentConfig {
@@ -270,7 +281,18 @@ impl AgentConfig {
         if ca_ttl < Duration::from_secs(3) {
             return Err(ConfigError::Invalid("ca_ttl must be at least 3s".into()));
         }
+        let bundle_endpoint = f
+            .bundle_endpoint
+            .map(|b| b.resolve(&trust_domain))
+            .transpose()?;
+        let federation_endpoints = crate::agent::federation_client::FederationEndpoints::resolve(
+            f.federation_endpoints,
+            f.federation_min_refresh.as_deref(),
+            &trust_domain,
+        )?;
         Ok(Self {
+            bundle_endpoint,
+            federation_endpoints,
             trust_domain,
             socket: f.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             socket_mode,

@@ -8,10 +8,12 @@
 //! own SVIDs plus one `Arc` of the shared state — no per-stream queue.
 
 pub mod attest;
+pub mod bundle_endpoint;
 pub mod ca;
 pub mod config;
 pub mod entries;
 pub mod federation;
+pub mod federation_client;
 pub mod health;
 pub mod rotation;
 pub mod sds;
@@ -153,6 +155,19 @@ pub async fn run(
                     reason: e.to_string(),
                 })?;
         tasks.spawn(health::serve(listener, metrics.clone(), ready_rx));
+    }
+    if let Some(be) = config.bundle_endpoint.clone() {
+        let listener = bundle_endpoint::bind(&be).await.map_err(AgentError::Serve)?;
+        tasks.spawn(bundle_endpoint::serve(
+            be,
+            listener,
+            state_rx.clone(),
+            config.svid_ttl,
+        ));
+    }
+    for ep in config.federation_endpoints.endpoints.iter().cloned() {
+        let min = config.federation_endpoints.min_refresh;
+        tasks.spawn(federation_client::poll(ep, min, state_tx.clone()));
     }
     for f in config.federation.iter().cloned() {
         tasks.spawn(federation::watch_file(
