@@ -172,6 +172,40 @@ fn intercepts_for_real(backend: Backend) {
         "second `svidcar init` changed the ruleset"
     );
     if backend == Backend::Iptables {
+        // A duplicated and a stale jump (say, left by an older version) are repaired too.
+        pair.exec_ok(
+            &pair.pod,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-j",
+                "SVIDCAR_INBOUND",
+            ],
+        );
+        pair.exec_ok(
+            &pair.pod,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-I",
+                "OUTPUT",
+                "-j",
+                "SVIDCAR_OUTPUT",
+            ],
+        );
+        assert_ne!(backend.dump(&pair), installed);
+        svidcar_init(&pair, &init_args);
+        let again = backend.dump(&pair);
+        assert_eq!(
+            installed, again,
+            "stale or duplicated jumps were not repaired"
+        );
         assert_eq!(
             again
                 .matches("-A PREROUTING -p tcp -j SVIDCAR_INBOUND")

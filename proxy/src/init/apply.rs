@@ -107,11 +107,8 @@ pub fn apply(config: &InterceptionConfig, backend: Backend) -> Result<(), ApplyE
             }
             for family in families {
                 let save = run(save_tool(family), &["-t", "nat"], None)?;
-                let missing: Vec<&str> = iptables::jump_rules()
-                    .into_iter()
-                    .filter(|jump| !save.lines().any(|l| l.trim() == *jump))
-                    .collect();
-                let text = iptables::render_with_jumps(config, family, &missing);
+                let (deletes, adds) = iptables::reconcile_jumps(&save);
+                let text = iptables::render_with_jumps(config, family, &deletes, &adds);
                 run(restore_tool(family), &["--noflush"], Some(&text))?;
             }
             Ok(())

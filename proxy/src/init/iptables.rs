@@ -34,16 +34,44 @@ fn loopback(family: Family) -> &'static str {
 
 /// The full ruleset of one family, jumps included.
 pub(crate) fn render(config: &InterceptionConfig, family: Family) -> String {
-    render_with_jumps(config, family, &jump_rules())
+    render_with_jumps(config, family, &[], &jump_rules())
 }
 
-/// The ruleset with only the given jump lines (those not yet installed).
+/// Given an `iptables-save -t nat` dump, the jump lines to delete (stale forms, duplicates) and
+/// the canonical jumps to add, so that exactly one copy of each canonical jump remains.
+pub(crate) fn reconcile_jumps(save: &str) -> (Vec<String>, Vec<&'static str>) {
+    let canonical = jump_rules();
+    let mut deletes = Vec::new();
+    let mut seen = [false; 2];
+    for line in save.lines().map(str::trim).filter(|l| is_installed_jump(l)) {
+        match canonical.iter().position(|c| *c == line) {
+            Some(i) if !seen[i] => seen[i] = true,
+            _ => deletes.push(line.to_string()),
+        }
+    }
+    let adds = canonical
+        .iter()
+        .zip(seen)
+        .filter(|(_, present)| !present)
+        .map(|(jump, _)| *jump)
+        .collect();
+    (deletes, adds)
+}
+
+/// The ruleset that first deletes `deletes` (installed jump lines, as `iptables-save` prints
+/// them) and ends with only the jump lines `adds`.
 pub(crate) fn render_with_jumps(
     config: &InterceptionConfig,
     family: Family,
-    jumps: &[&str],
+    deletes: &[String],
+    adds: &[&str],
 ) -> String {
     let mut out = String::from("*nat\n");
+    for line in deletes {
+        if let Some(rest) = line.strip_prefix("-A ") {
+            let _ = writeln!(out, "-D {rest}");
+        }
+    }
     for chain in super::IPTABLES_CHAINS {
         let _ = writeln!(out, ":{chain} - [0:0]");
     }
@@ -92,7 +120,7 @@ pub(crate) fn render_with_jumps(
         "-A SVIDCAR_REDIRECT -p tcp -j REDIRECT --to-ports {}",
         config.outbound_port
     );
-    for jump in jumps {
+    for jump in adds {
         out.push_str(jump);
         out.push('\n');
     }
@@ -128,4 +156,40 @@ pub(crate) fn is_installed(save: &str) -> bool {
                 .iter()
                 .any(|c| l.trim().starts_with(&format!(":{c} ")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_keeps_one_canonical_copy_and_removes_stale_forms() {
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n\
+            -A PREROUTING -p tcp -j SVIDCAR_INBOUND\n\
+            -A PREROUTING -p tcp -j SVIDCAR_INBOUND\n\
+            -A OUTPUT -j SVIDCAR_OUTPUT\n\
+            -A OUTPUT -p udp -j OTHER\nCOMMIT\n";
+        let (deletes, adds) = reconcile_jumps(save);
+        assert_eq!(
+            deletes,
+            [
+                "-A PREROUTING -p tcp -j SVIDCAR_INBOUND",
+                "-A OUTPUT -j SVIDCAR_OUTPUT"
+            ]
+        );
+        assert_eq!(adds, ["-A OUTPUT -p tcp -j SVIDCAR_OUTPUT"]);
+        let text = render_with_jumps(&InterceptionConfig::default(), Family::V4, &deletes, &adds);
+        assert!(text.starts_with(
+            "*nat\n-D PREROUTING -p tcp -j SVIDCAR_INBOUND\n-D OUTPUT -j SVIDCAR_OUTPUT\n"
+        ));
+        assert!(text.ends_with("-A OUTPUT -p tcp -j SVIDCAR_OUTPUT\nCOMMIT\n"));
+        assert!(!text.contains("-A PREROUTING"));
+    }
+
+    #[test]
+    fn reconcile_on_a_pristine_table_adds_both_jumps() {
+        let (deletes, adds) = reconcile_jumps("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n");
+        assert!(deletes.is_empty());
+        assert_eq!(adds, jump_rules());
+    }
 }
