@@ -2,11 +2,11 @@
 //! matchers, and per-direction indexes (deny / allow / shadow / audit) so a decision looks at
 //! few rules even with 10k of them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use svidcar_agent::SpiffeId;
 
+use super::fxhash::FxHashMap;
 use super::host_trie::HostSet;
 use super::load::{EffectiveSettings, Loaded};
 use super::matchers::{CidrSet, Field, IdSet, MethodSet, NameSet, PathSet, PortSet, ValueSet};
@@ -68,12 +68,15 @@ pub(crate) struct CRule {
     pub http_only: bool,
 }
 
-/// Rule ordinals of one group, indexed by peer ID and by egress name when every candidate
-/// needs an exact one; `rest` holds the rules that cannot be indexed. All lists ascend.
+/// Rule ordinals of one group. A rule that can only match a peer under some exact ID or ID
+/// prefix is filed under those keys (`by_peer`); an egress rule that can only match some exact
+/// names or `*.suffix` names under those (`by_name`, `by_suffix`); the others go to `rest`.
+/// Every list ascends, so the first match in canonical order is the minimum over the lists.
 #[derive(Debug, Default)]
 pub(crate) struct RuleIndex {
-    pub by_peer: HashMap<Box<str>, Vec<u32>>,
-    pub by_name: HashMap<Box<str>, Vec<u32>>,
+    pub by_peer: FxHashMap<Box<str>, Vec<u32>>,
+    pub by_name: FxHashMap<Box<str>, Vec<u32>>,
+    pub by_suffix: FxHashMap<Box<str>, Vec<u32>>,
     pub rest: Vec<u32>,
     pub len: usize,
 }
@@ -81,13 +84,16 @@ pub(crate) struct RuleIndex {
 impl RuleIndex {
     fn push(&mut self, ord: u32, rule: &CRule) {
         self.len += 1;
-        if let Some(ids) = peer_keys(rule) {
-            for id in ids {
-                self.by_peer.entry(id.into()).or_default().push(ord);
+        if let Some(keys) = peer_keys(rule) {
+            for k in keys {
+                self.by_peer.entry(k.into()).or_default().push(ord);
             }
-        } else if let Some(names) = name_keys(rule) {
+        } else if let Some((names, suffixes)) = name_keys(rule) {
             for n in names {
                 self.by_name.entry(n.into()).or_default().push(ord);
+            }
+            for n in suffixes {
+                self.by_suffix.entry(n.into()).or_default().push(ord);
             }
         } else {
             self.rest.push(ord);
@@ -95,34 +101,45 @@ impl RuleIndex {
     }
 
     fn finish(&mut self) {
-        for v in self.by_peer.values_mut().chain(self.by_name.values_mut()) {
-            v.sort_unstable();
-            v.dedup();
+        let maps = [&mut self.by_peer, &mut self.by_name, &mut self.by_suffix];
+        for m in maps {
+            for v in m.values_mut() {
+                v.sort_unstable();
+                v.dedup();
+            }
         }
     }
 }
 
-/// Exact peer IDs one of which a rule needs, if it needs one.
-fn peer_keys(rule: &CRule) -> Option<Vec<&str>> {
+/// Index keys (exact peer IDs, ID prefixes, `spiffe://td`) one of which a rule needs.
+fn peer_keys(rule: &CRule) -> Option<Vec<String>> {
     let from = rule.from.as_ref()?;
     let mut keys = Vec::new();
     for f in from {
-        keys.extend(f.spiffe.pos.as_ref()?.only_exact()?);
+        if let Some(ids) = &f.spiffe.pos {
+            keys.extend(ids.index_keys()?);
+        } else if let Some(tds) = &f.td.pos {
+            keys.extend(tds.only_exact()?.map(|td| format!("spiffe://{td}")));
+        } else {
+            return None;
+        }
     }
     Some(keys)
 }
 
-/// Exact egress names one of which a rule needs, if it needs one.
-fn name_keys(rule: &CRule) -> Option<Vec<&str>> {
+/// Exact egress names and wildcard suffixes one of which a rule needs.
+fn name_keys(rule: &CRule) -> Option<(Vec<&str>, Vec<&str>)> {
     if rule.direction != Direction::Egress {
         return None;
     }
     let to = rule.to.as_ref()?;
-    let mut keys = Vec::new();
+    let (mut names, mut suffixes) = (Vec::new(), Vec::new());
     for t in to {
-        keys.extend(t.hosts.pos.as_ref()?.only_exact()?);
+        let (n, s) = t.hosts.pos.as_ref()?.index_keys()?;
+        names.extend(n);
+        suffixes.extend(s);
     }
-    Some(keys)
+    Some((names, suffixes))
 }
 
 /// Deny and allow indexes of one evaluation set (enforced, or enforced + dry-run).

@@ -9,6 +9,7 @@ use svidcar_agent::SpiffeId;
 use super::compile::{
     dir_index, CCond, CFrom, CRule, CTo, CValues, CompiledPolicy, Group, RuleIndex,
 };
+use super::matchers::peer_lookup_keys;
 use super::model::{DefaultAction, Direction, WhenKey};
 use super::request::{Decision, Reason, Request, RuleId, Verdict};
 
@@ -28,6 +29,8 @@ pub(crate) struct Ctx<'a> {
     pub name: Option<&'a str>,
     pub ns_sa: Option<(&'a str, &'a str)>,
     pub source_ip: Option<IpAddr>,
+    /// Index keys of the peer ID (see `peer_lookup_keys`).
+    pub peer_keys: [Option<&'a str>; 4],
 }
 
 impl<'a> Ctx<'a> {
@@ -38,6 +41,7 @@ impl<'a> Ctx<'a> {
             name,
             ns_sa: req.peer.and_then(SpiffeId::k8s_namespace_and_sa),
             source_ip: req.source_ip,
+            peer_keys: req.peer.map_or([None; 4], peer_lookup_keys),
         }
     }
 }
@@ -242,62 +246,74 @@ fn check_cond(cond: &CCond, c: &Ctx) -> Result<(), &'static str> {
 }
 
 impl RuleIndex {
+    /// Calls `f` with every candidate list for this evaluation (at most a few hash lookups).
+    #[inline]
+    fn for_each_list<'s>(&'s self, c: &Ctx, mut f: impl FnMut(&'s [u32])) {
+        if !self.by_peer.is_empty() {
+            for key in c.peer_keys.iter().flatten() {
+                if let Some(list) = self.by_peer.get(*key) {
+                    f(list);
+                }
+            }
+        }
+        if let Some(name) = c.name {
+            if let Some(list) = self.by_name.get(name) {
+                f(list);
+            }
+            if !self.by_suffix.is_empty() {
+                // `*.suffix` needs at least one label before the suffix.
+                for (i, _) in name.match_indices('.') {
+                    if let Some(list) = self.by_suffix.get(&name[i + 1..]) {
+                        f(list);
+                    }
+                }
+            }
+        }
+        f(&self.rest);
+    }
+
     /// The first matching rule (lowest ordinal) of this index.
     pub(crate) fn first_match(&self, rules: &[CRule], c: &Ctx, allow: bool) -> Option<u32> {
         if self.len == 0 {
             return None;
         }
         let mut best: Option<u32> = None;
-        let scan = |list: &[u32], best: &mut Option<u32>| {
+        self.for_each_list(c, |list| {
             for &i in list {
                 if best.is_some_and(|b| i >= b) {
                     return;
                 }
                 if match_rule(&rules[i as usize], c, allow).is_ok() {
-                    *best = Some(i);
+                    best = Some(i);
                     return;
                 }
             }
-        };
-        if let Some(peer) = c.req.peer {
-            if let Some(list) = self.by_peer.get(peer.as_str()) {
-                scan(list, &mut best);
-            }
-        }
-        if let Some(name) = c.name {
-            if let Some(list) = self.by_name.get(name) {
-                scan(list, &mut best);
-            }
-        }
-        scan(&self.rest, &mut best);
+        });
         best
     }
 
-    /// Every matching rule, ascending.
+    /// Every matching rule, ascending, appended to `out`.
     pub(crate) fn all_matches(&self, rules: &[CRule], c: &Ctx, out: &mut Vec<u32>) {
         if self.len == 0 {
             return;
         }
         let start = out.len();
-        let mut scan = |list: &[u32]| {
+        self.for_each_list(c, |list| {
             out.extend(
                 list.iter()
                     .copied()
                     .filter(|&i| match_rule(&rules[i as usize], c, false).is_ok()),
             )
-        };
-        if let Some(peer) = c.req.peer {
-            if let Some(list) = self.by_peer.get(peer.as_str()) {
-                scan(list);
-            }
-        }
-        if let Some(name) = c.name {
-            if let Some(list) = self.by_name.get(name) {
-                scan(list);
-            }
-        }
-        scan(&self.rest);
+        });
         out[start..].sort_unstable();
+        let mut seen = start;
+        for i in start..out.len() {
+            if i == start || out[i] != out[seen - 1] {
+                out[seen] = out[i];
+                seen += 1;
+            }
+        }
+        out.truncate(seen);
     }
 }
 

@@ -2,13 +2,12 @@
 //! `com → example → api`; `*.example.com` marks the `example` node as matching any name with at
 //! least one more label. Lookups walk the request name's labels right to left, no allocation.
 
-use std::collections::HashMap;
-
+use super::fxhash::FxHashMap;
 use super::pattern::{is_ip_literal, HostPattern};
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: FxHashMap<Box<str>, Node>,
     /// An exact name ends here.
     exact: bool,
     /// `*.<this>`: one or more further labels match.
@@ -19,8 +18,8 @@ struct Node {
 #[derive(Debug, Default)]
 pub struct HostSet {
     any: bool,
-    has_wildcard: bool,
     exact: Vec<Box<str>>,
+    suffixes: Vec<Box<str>>,
     root: Node,
 }
 
@@ -39,7 +38,7 @@ impl HostSet {
                     (n, false)
                 }
                 HostPattern::Wildcard(n) => {
-                    set.has_wildcard = true;
+                    set.suffixes.push(n.as_str().into());
                     (n, true)
                 }
             };
@@ -56,9 +55,15 @@ impl HostSet {
         set
     }
 
-    /// The exact names, if the set holds nothing else (used to index egress rules by name).
-    pub fn only_exact(&self) -> Option<impl Iterator<Item = &str>> {
-        (!self.any && !self.has_wildcard).then(|| self.exact.iter().map(|s| &**s))
+    /// Index keys: `(exact names, wildcard suffixes)`; `None` when the set holds `*`.
+    pub fn index_keys(&self) -> Option<(Vec<&str>, Vec<&str>)> {
+        if self.any {
+            return None;
+        }
+        Some((
+            self.exact.iter().map(|s| &**s).collect(),
+            self.suffixes.iter().map(|s| &**s).collect(),
+        ))
     }
 
     /// Whether the (normalized: lowercase, no port, no trailing dot) name matches.

@@ -1,12 +1,12 @@
 //! Compiled value sets, one per field: exact SPIFFE IDs in hash sets, globs as segment matchers,
 //! hosts in a reversed-label trie, ports as ranges, CIDRs as prefix lists.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 use svidcar_agent::SpiffeId;
 
 use super::cidr::Cidr;
+use super::fxhash::FxHashSet;
 use super::pattern::{
     glob_matches, IdSeg, MethodPattern, NamePattern, PathPattern, PortRange, SpiffeKind,
     SpiffePattern, StrPattern, TdPattern,
@@ -53,11 +53,39 @@ impl<M> Field<M> {
     }
 }
 
+/// How many leading literal segments of a glob are used as its index key.
+pub const INDEX_SEGMENTS: usize = 2;
+
+/// The index keys to look up for a peer ID: `spiffe://td`, the ID cut after 1 and after
+/// [`INDEX_SEGMENTS`] segments, and the full ID (consecutive duplicates removed).
+pub fn peer_lookup_keys(id: &SpiffeId) -> [Option<&str>; 4] {
+    let s = id.as_str();
+    let td_end = s.len() - id.path().len();
+    let mut cuts = s[td_end..]
+        .match_indices('/')
+        .map(|(i, _)| td_end + i)
+        .skip(1);
+    let one = cuts.next().unwrap_or(s.len());
+    let two = cuts.next().unwrap_or(s.len());
+    let mut keys = [
+        Some(&s[..td_end]),
+        Some(&s[..one]),
+        Some(&s[..two]),
+        Some(s),
+    ];
+    for i in (1..4).rev() {
+        if keys[i] == keys[i - 1] {
+            keys[i] = None;
+        }
+    }
+    keys
+}
+
 /// SPIFFE ID patterns.
 #[derive(Debug, Default)]
 pub struct IdSet {
     any: bool,
-    exact: HashSet<Box<str>>,
+    exact: FxHashSet<Box<str>>,
     globs: Vec<(Option<String>, Vec<IdSeg>, bool)>,
 }
 
@@ -79,9 +107,28 @@ impl IdSet {
         s
     }
 
-    /// The exact IDs, if the set holds nothing else (used to index rules by peer).
-    pub fn only_exact(&self) -> Option<impl Iterator<Item = &str>> {
-        (!self.any && self.globs.is_empty()).then(|| self.exact.iter().map(|s| &**s))
+    /// Keys under which a rule needing this set can be indexed, if every pattern has one: the
+    /// exact ID, or for a glob `spiffe://<td>` plus up to [`INDEX_SEGMENTS`] leading literal
+    /// segments. `None` for `*` or a `*` trust domain.
+    pub fn index_keys(&self) -> Option<Vec<String>> {
+        if self.any {
+            return None;
+        }
+        let mut keys: Vec<String> = self.exact.iter().map(|s| s.to_string()).collect();
+        for (td, segs, _) in &self.globs {
+            let mut key = format!("spiffe://{}", td.as_ref()?);
+            for seg in segs.iter().take(INDEX_SEGMENTS) {
+                match seg {
+                    IdSeg::Lit(l) => {
+                        key.push('/');
+                        key.push_str(l);
+                    }
+                    IdSeg::One => break,
+                }
+            }
+            keys.push(key);
+        }
+        Some(keys)
     }
 
     /// Whether `id` matches.
@@ -114,6 +161,11 @@ impl NameSet {
             }
         }
         s
+    }
+
+    /// The exact names, if the set holds nothing else.
+    pub fn only_exact(&self) -> Option<impl Iterator<Item = &str>> {
+        (!self.any).then(|| self.names.iter().map(|s| &**s))
     }
 
     /// From namespace or `ns/sa` patterns.

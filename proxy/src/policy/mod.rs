@@ -39,6 +39,7 @@ mod cidr;
 mod compile;
 mod eval;
 mod explain;
+mod fxhash;
 mod host_trie;
 mod lint;
 mod load;
