@@ -57,3 +57,40 @@ fn envoy_sds_client_streams_rotates_acks_nacks_and_is_refused() {
         assert!(stdout.contains(step), "missing {step}:\n{stdout}");
     }
 }
+
+#[test]
+fn grpc_health_and_reflection_answer_standard_clients() {
+    let Some(py) = envoy_python() else { return };
+    let ok = Command::new(&py)
+        .args(["-c", "import grpc_health.v1.health_pb2, grpc_reflection.v1alpha.proto_reflection_descriptor_database"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        common::skip("the venv lacks grpcio-health-checking/grpcio-reflection (pip install -r tests/py/requirements.txt)");
+        return;
+    }
+    let dir = TempDir::new("sds-health");
+    let agent = Agent::start_in(dir.path(), &["--entry", &Agent::self_entry("envoy")]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/sds_health_reflection.py"
+    );
+    let out = Command::new(py)
+        .arg(script)
+        .arg(&agent.socket)
+        .output()
+        .expect("run script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l == "done"),
+        "sds_health_reflection.py failed ({}):\n{stdout}\n{}\nagent log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
+    );
+    assert!(
+        stdout.contains("health ok") && stdout.contains("reflection ok"),
+        "{stdout}"
+    );
+}

@@ -55,6 +55,16 @@ pub mod grpc_health {
     tonic::include_proto!("grpc.health.v1");
 }
 
+/// gRPC server reflection, current and `v1alpha` (same wire format; older clients use the latter).
+pub mod grpc_reflection {
+    pub mod v1 {
+        tonic::include_proto!("grpc.reflection.v1");
+    }
+    pub mod v1alpha {
+        tonic::include_proto!("grpc.reflection.v1alpha");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every proto above (for gRPC server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/svidcar_descriptor.bin"));

@@ -182,7 +182,8 @@ async fn keep_svid(
                                 *g = Some(ck);
                             }
                             signer = st.signer.serial_hex.clone();
-                            refresh_at = s.refresh_at();
+                            // Floor: never spin on an SVID capped by an expiring CA.
+                            refresh_at = s.refresh_at().max(now + Duration::from_millis(100));
                             tracing::debug!(id = %id, "bundle endpoint SVID issued");
                         }
                         Err(e) => tracing::error!(error = %e, "bundle endpoint SVID unusable"),

@@ -14,6 +14,8 @@ pub mod config;
 pub mod entries;
 pub mod federation;
 pub mod federation_client;
+pub mod grpc_health;
+pub mod grpc_reflection;
 pub mod health;
 pub mod rotation;
 pub mod sds;

@@ -281,7 +281,9 @@ async fn secrets_stream(
             .svids
             .next_refresh()
             .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
-            .unwrap_or(Duration::from_secs(3600));
+            .unwrap_or(Duration::from_secs(3600))
+            // Floor: an SVID capped by a CA about to expire must not make the stream spin.
+            .max(Duration::from_millis(100));
         let msg = tokio::select! {
             msg = inbound.message() => msg,
             r = state.changed() => if r.is_err() { break } else { continue },

@@ -444,6 +444,10 @@ pub async fn serve(
         metrics.clone(),
         stop_rx.clone(),
     );
+    let health = crate::agent::grpc_health::HealthService::new(stop_rx.clone());
+    let reflection = crate::agent::grpc_reflection::Reflection::new()
+        .map_err(|e| tracing::error!(error = %e, "gRPC reflection disabled"))
+        .ok();
     let api = WorkloadApi {
         config: config.clone(),
         state,
@@ -455,6 +459,9 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(svc)
         .add_service(sds.into_server())
+        .add_service(health.into_server())
+        .add_optional_service(reflection.as_ref().map(|r| r.v1()))
+        .add_optional_service(reflection.as_ref().map(|r| r.v1alpha()))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             let _ = server_stop.wait_for(|s| *s).await;
         });
