@@ -433,3 +433,45 @@ fn manifests_pass_strict_schema_validation() {
         "kubernetes-validate accepted an unknown field"
     );
 }
+
+/// Every `--flag` in `args` is one that `svidcar <subcommand> --help` documents.
+fn assert_flags_exist(args: &[&str], what: &str) {
+    let sub = args[0];
+    let out = Command::new(env!("CARGO_BIN_EXE_svidcar"))
+        .args([sub, "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "svidcar {sub} --help failed");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for arg in &args[1..] {
+        if let Some(flag) = arg.strip_prefix("--") {
+            let flag = format!("--{}", flag.split('=').next().unwrap());
+            assert!(
+                help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+                "{what}: `svidcar {sub}` has no {flag}"
+            );
+        }
+    }
+}
+
+/// The manifests and the injected containers only use flags the binary has.
+#[test]
+fn container_arguments_match_the_cli() {
+    let objects = objects();
+    let agent = find(&objects, "DaemonSet", "svidcar-agent");
+    let args = strings(&pss::pod_spec(agent).unwrap()["containers"][0]["args"]);
+    assert_eq!(args[0], "agent");
+    assert_flags_exist(&args, "agent DaemonSet");
+    let webhook = find(&objects, "Deployment", "svidcar-webhook");
+    let args = strings(&pss::pod_spec(webhook).unwrap()["containers"][0]["args"]);
+    assert_flags_exist(&args, "webhook Deployment");
+
+    let injected =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject-deployment.out.yaml");
+    let docs = parse_all(&injected);
+    let spec = pss::pod_spec(&docs[1]).unwrap();
+    for c in spec["initContainers"].as_array().unwrap().iter().take(2) {
+        let args = strings(&c["args"]);
+        assert_flags_exist(&args, c["name"].as_str().unwrap());
+    }
+}
