@@ -111,7 +111,15 @@ impl<'de> Deserialize<'de> for Dur {
 
 impl Serialize for Dur {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", self.0.as_millis()))
+        let ms = self.0.as_millis();
+        let text = match ms {
+            0 => "0s".to_string(),
+            ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+            ms => format!("{ms}ms"),
+        };
+        s.serialize_str(&text)
     }
 }
 
@@ -476,6 +484,11 @@ mod tests {
             ExpectedPeer::TrustDomain(_)
         ));
         assert!(ProxyConfig::from_yaml("nope: 1").is_err());
+        let mut full = ProxyConfig::default();
+        full.transparent.ports.insert(8080, InboundMode::Permissive);
+        full.inbound.push(i.clone());
+        let text = serde_yaml_ng::to_string(&full).unwrap();
+        assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), full, "{text}");
         let c = ProxyConfig::from_yaml("limits:\n  idle_timeout: 5m\n").unwrap();
         assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(300));
         let d = Destination {

@@ -8,22 +8,36 @@ use svidcar_proxy::config::{InboundListener, OutboundRoute, ProxyConfig};
 use svidcar_proxy::policy_authz::PolicyAuthorizer;
 use svidcar_proxy::{Authorizer, DefaultAuthorizer, Proxy};
 
+const AFTER_HELP: &str = "\
+Examples:
+  # backend side: mTLS on :8443 (strict), forwarded to the app on 127.0.0.1:8080
+  svidcar proxy --agent-socket /run/svidcar/agent.sock --inbound 0.0.0.0:8443=8080
+  # frontend side: the app calls 127.0.0.1:9000; it goes over mTLS to backend:8443,
+  # which must present spiffe://example.org/backend
+  svidcar proxy --outbound 127.0.0.1:9000=backend:8443,spiffe://example.org/backend
+  # transparent mode (after `svidcar init` installed the interception rules)
+  svidcar proxy --transparent --config /etc/svidcar/proxy.yaml
+
+YAML (--config; every field optional; flags add to / override it; `--print-config` shows
+the effective result):
+  agent_socket: /run/svidcar/agent.sock
+  admin_addr: 127.0.0.1:15000
+  inbound:     [{listen: 0.0.0.0:8443, app_port: 8080, mode: strict|permissive, protocol: tcp}]
+  outbound:    [{listen: 127.0.0.1:9000, upstream: host:port, expect: spiffe://td/path | td}]
+  transparent: {enabled: false, inbound_addr: 0.0.0.0:15006, outbound_addr: 0.0.0.0:15001,
+                default_mode: strict, ports: {8080: permissive},
+                destinations: [{dst: 10.0.0.0/8 | 10.1.2.3:80 | fd00::/8, port: 8443, expect: td}]}
+  limits:      {max_connections: 10000, handshake_timeout: 10s, idle_timeout: 1h,
+                drain_timeout: 20s, connect_timeout: 5s}
+  policy:      /etc/svidcar/policy.yaml
+
+Admin: /ready (503 until an SVID is held and the policy loaded), /live, /metrics, /config.
+Access log: tracing target `access`, one line per connection. SIGTERM: drain, then exit.";
+
 /// `svidcar proxy`: terminate mTLS for inbound traffic, originate it for outbound traffic,
 /// with the SVID streamed by the identity agent.
-///
-/// Examples:
-///
-///   # backend side: mTLS on :8443, forwarded to the app on 127.0.0.1:8080
-///   svidcar proxy --agent-socket /run/svidcar/agent.sock --inbound 0.0.0.0:8443=8080
-///
-///   # frontend side: the app calls 127.0.0.1:9000, which goes over mTLS to the backend,
-///   # which must present spiffe://example.org/backend
-///   svidcar proxy --outbound 127.0.0.1:9000=backend:8443,spiffe://example.org/backend
-///
-///   # transparent mode (after `svidcar init` installed the iptables rules)
-///   svidcar proxy --transparent --config /etc/svidcar/proxy.yaml
 #[derive(clap::Args)]
-#[command(verbatim_doc_comment)]
+#[command(after_long_help = AFTER_HELP)]
 pub struct ProxyCmd {
     /// YAML configuration file (every field optional; see the README for the schema).
     #[arg(long, value_name = "FILE")]
