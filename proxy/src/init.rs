@@ -39,7 +39,10 @@
 //!   `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`;
 //! * run as [`DEFAULT_PROXY_UID`] (its connections are not captured);
 //! * bind the source address [`INBOUND_PASSTHROUGH_SOURCE_V4`] (`127.0.0.6`) before connecting
-//!   to the application (`127.0.0.1:<original port>`) when forwarding inbound traffic.
+//!   to the application (`127.0.0.1:<original port>`) when forwarding inbound traffic;
+//! * with IPv6 rules, also listen on `[::1]:15001` (or `[::]` dual-stack) and `[::]:15006`;
+//! * refuse a connection whose original destination port is one of its own ports (a peer
+//!   dialing `pod:15006` directly, or `pod:15001` redirected to inbound): that is a loop.
 #![forbid(unsafe_code)]
 
 mod apply;

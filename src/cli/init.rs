@@ -71,6 +71,7 @@ fn ipv6_present() -> bool {
 }
 
 impl InitCmd {
+    /// Installs, prints or removes the rules, as the flags say.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let backend = match self.backend {
             BackendArg::Iptables => Backend::Iptables,

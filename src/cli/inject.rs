@@ -91,6 +91,7 @@ impl InjectCmd {
         }
     }
 
+    /// Rewrites the manifest to standard output, or serves the webhook until SIGTERM.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let config = self.config();
         if self.webhook {
