@@ -69,5 +69,8 @@ pub mod grpc_reflection {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/svidcar_descriptor.bin"));
 
+/// The protobuf runtime the generated types use (to encode/decode them elsewhere).
+pub use prost;
+
 pub use workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 pub use workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
