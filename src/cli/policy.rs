@@ -22,7 +22,7 @@ pub struct PolicyCmd {
 #[derive(Subcommand)]
 enum PolicySub {
     /// Evaluate one connection or request and show which rules did or did not match.
-    Check(CheckArgs),
+    Check(Box<CheckArgs>),
     /// Print the lint warnings of a policy set (exit 1 if there are any).
     Lint(LintArgs),
 }
@@ -120,7 +120,7 @@ impl PolicyCmd {
     /// Runs the subcommand.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
-            PolicySub::Check(a) => check(a),
+            PolicySub::Check(a) => check(*a),
             PolicySub::Lint(a) => lint(a),
         }
     }
