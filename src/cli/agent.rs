@@ -63,7 +63,7 @@ pub struct AgentCmd {
     #[arg(long)]
     health_addr: Option<String>,
     #[command(flatten)]
-    federation: super::agent_federation::FederationArgs,
+    federation: Box<super::agent_federation::FederationArgs>,
 }
 
 impl AgentCmd {
