@@ -159,7 +159,9 @@ pub async fn run(
         tasks.spawn(health::serve(listener, metrics.clone(), ready_rx));
     }
     if let Some(be) = config.bundle_endpoint.clone() {
-        let listener = bundle_endpoint::bind(&be).await.map_err(AgentError::Serve)?;
+        let listener = bundle_endpoint::bind(&be)
+            .await
+            .map_err(AgentError::Serve)?;
         tasks.spawn(bundle_endpoint::serve(
             be,
             listener,
