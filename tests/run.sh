@@ -32,7 +32,7 @@ if command -v systemctl >/dev/null 2>&1; then systemctl stop nginx >/dev/null 2>
 pkill -x nginx >/dev/null 2>&1 || true
 
 # --- python peers (py-spiffe, kubernetes-validate) in a venv ---------------------------------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe' >/dev/null 2>&1 \
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, grpc, envoy.service.secret.v3.sds_pb2_grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2' >/dev/null 2>&1 \
    || [ ! -x .venv/bin/kubernetes-validate ]; then
   say "creating .venv with py-spiffe and kubernetes-validate"
   python3 -m venv .venv
