@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod cli;
 
 #[derive(Parser)]
-#[command(name = "svidcar", version, about = "mTLS sidecar proxy with SPIFFE workload identity")]
+#[command(
+    name = "svidcar",
+    version,
+    about = "mTLS sidecar proxy with SPIFFE workload identity"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SVIDCAR_LOG_FORMAT")]
@@ -27,6 +31,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node identity agent (SPIFFE Workload API on a unix socket, embedded CA).
@@ -49,7 +55,9 @@ enum Command {
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
