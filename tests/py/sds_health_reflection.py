@@ -59,4 +59,35 @@ x509 = pool.FindMessageTypeByName("X509SVIDResponse")
 if x509.fields_by_name["federated_bundles"].number != 3:
     fail("X509SVIDResponse.federated_bundles number")
 print(f"reflection ok services={sorted(services)}", flush=True)
+
+# Our Envoy subset must be byte-compatible with the published protos: every field we define has
+# the upstream number, type and cardinality (upstream has more fields; we define a subset).
+from envoy.config.core.v3 import base_pb2, extension_pb2  # noqa: E402
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2  # noqa: E402
+from envoy.extensions.transport_sockets.tls.v3 import tls_spiffe_validator_config_pb2 as sv  # noqa: E402
+from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2 as upstream_secret  # noqa: E402
+from google.rpc import status_pb2  # noqa: E402
+
+upstream = [
+    discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse,
+    discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse,
+    discovery_pb2.Resource, base_pb2.Node, base_pb2.DataSource, extension_pb2.TypedExtensionConfig,
+    upstream_secret.Secret, common_pb2.TlsCertificate, common_pb2.CertificateValidationContext,
+    sv.SPIFFECertValidatorConfig, sv.SPIFFECertValidatorConfig.TrustDomain, status_pb2.Status,
+]
+checked = 0
+for up in upstream:
+    ours = pool.FindMessageTypeByName(up.DESCRIPTOR.full_name)
+    for f in ours.fields:
+        u = up.DESCRIPTOR.fields_by_name.get(f.name)
+        if u is None:
+            fail(f"{ours.full_name}.{f.name} does not exist upstream")
+        same = (u.number, u.type, u.is_repeated) == (f.number, f.type, f.is_repeated)
+        if f.message_type is not None:
+            same = same and u.message_type.full_name == f.message_type.full_name
+        if not same:
+            fail(f"{ours.full_name}.{f.name}: ours {(f.number, f.type)} upstream {(u.number, u.type)}")
+        checked += 1
+print(f"envoy subset ok fields={checked}", flush=True)
 print("done", flush=True)
