@@ -27,6 +27,7 @@ async fn connection_futures_stay_within_budget() {
         limits: Limits::default(),
         conns: Arc::new(Semaphore::new(4)),
         shutdown,
+        app_clients: svidcar_proxy::http::AppClients::new(),
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -36,6 +37,7 @@ async fn connection_futures_stay_within_budget() {
     let (s2, p2) = l.accept().await.unwrap();
 
     let target = Arc::new(InboundTarget::Explicit {
+        protocol: svidcar_proxy::config::Protocol::Tcp,
         app_port: 1,
         mode: InboundMode::Strict,
     });

@@ -68,3 +68,54 @@ fn policy_denies_with_rule_then_hot_reload_allows() {
     }
     backend.wait_log(&["outcome=\"allowed\"", "rule=\"only-frontend/rules[0]\""]);
 }
+
+/// An `http` port: each request is decided on its own; a denied request gets `403 RBAC: access
+/// denied` and the connection stays usable.
+#[test]
+fn http_port_decides_per_request_with_403() {
+    let mesh = Mesh::start("proxy-l7", &[]);
+    let app = TestApp::start("app");
+    let file = mesh.dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: public-get\n  direction: inbound\n  action: allow\n  rules:\n  - from: [{{ spiffeIds: [\"spiffe://{TD}/frontend\"] }}]\n    to: [{{ methods: [\"GET\"], paths: [\"/public/*\"] }}]\n"
+        ),
+    )
+    .unwrap();
+    let in_port = common::free_port();
+    let backend = mesh.sidecar(
+        "backend",
+        &mesh.backend_bin.clone(),
+        &[
+            "--inbound".into(),
+            format!("127.0.0.1:{in_port}={}:strict:http", app.port),
+            "--policy".into(),
+            file.display().to_string(),
+        ],
+    );
+    let (_frontend, out_port) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let mut conn = common::proxy::KeepAlive::connect(([127, 0, 0, 1], out_port).into()).unwrap();
+    assert_eq!(
+        conn.get("/public/a").unwrap(),
+        (200, "hello from app\n".to_string())
+    );
+    assert_eq!(
+        conn.get("/secret").unwrap(),
+        (403, "RBAC: access denied".to_string())
+    );
+    // Normalized before matching: /public/../secret is /secret.
+    assert_eq!(conn.get("/public/../secret").unwrap().0, 403);
+    assert_eq!(
+        conn.get("/public//b").unwrap(),
+        (200, "hello from app\n".to_string())
+    );
+    let line = backend.wait_log(&["request denied", "path=/secret"]);
+    assert!(line.contains("rule=default:deny(implicit)"), "{line}");
+    backend.wait_log(&[
+        "outcome=\"allowed\"",
+        "rule=public-get/rules[0]",
+        "status=200",
+    ]);
+    assert!(backend.metric_sum(&["svidcar_proxy_decisions_total", "deny"]) >= 2.0);
+}

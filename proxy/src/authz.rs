@@ -62,6 +62,12 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize_inbound(&self, conn: &ConnAttrs<'_>) -> Verdict;
     /// One line for the startup log saying which policy is in force.
     fn describe(&self) -> String;
+    /// Decides one HTTP request on an `http` port (the connection was authenticated, not
+    /// authorized). Default: the connection-level decision.
+    fn authorize_request(&self, conn: &ConnAttrs<'_>, req: &crate::http::HttpAttrs<'_>) -> Verdict {
+        let _ = req;
+        self.authorize_inbound(conn)
+    }
     /// False until the policy is loaded (gates `/ready`).
     fn ready(&self) -> bool {
         true

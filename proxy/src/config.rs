@@ -8,7 +8,7 @@
 //!   - listen: 0.0.0.0:8443
 //!     app_port: 8080
 //!     mode: strict                          # strict (default) | permissive
-//!     protocol: tcp                         # tcp (default)
+//!     protocol: tcp                         # tcp (default) | http (per-request policy, 403)
 //! outbound:                                 # explicit mode: one local plaintext listener per route
 //!   - listen: 127.0.0.1:9000
 //!     upstream: backend.example:8443
@@ -18,7 +18,8 @@
 //!   inbound_addr: 0.0.0.0:15006
 //!   outbound_addr: 0.0.0.0:15001
 //!   default_mode: strict
-//!   ports: { "8080": permissive }           # per original port modes
+//!   ports: { 8080: permissive }             # per original port modes
+//!   protocols: { 8080: http }               # per original port protocols (default tcp)
 //!   destinations:                           # original destination → expected server ID
 //!     - dst: 10.0.0.0/8                     # ip, ip:port, cidr, or cidr with `port:`
 //!       port: 8443
@@ -145,13 +146,15 @@ impl std::str::FromStr for InboundMode {
     }
 }
 
-/// Application protocol of an inbound port (only raw TCP for now).
+/// Application protocol of an inbound port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Opaque bytes; authorization per connection.
     #[default]
     Tcp,
+    /// HTTP/1.1 or HTTP/2 (gRPC): authorization per request, denials are `403`.
+    Http,
 }
 
 /// An explicit inbound listener: mTLS on `listen`, forwarded to `127.0.0.1:app_port`.
@@ -171,24 +174,30 @@ pub struct InboundListener {
 }
 
 impl InboundListener {
-    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive]`.
+    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive][:tcp|http]`.
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let (addr, rest) = s
             .split_once('=')
-            .ok_or_else(|| bad("--inbound", s, "expected ADDR=APP_PORT[:MODE]"))?;
+            .ok_or_else(|| bad("--inbound", s, "expected ADDR=APP_PORT[:MODE][:PROTOCOL]"))?;
         let listen = parse_listen(addr).map_err(|r| bad("--inbound", s, r))?;
-        let (port, mode) = match rest.split_once(':') {
-            Some((p, m)) => (p, m.parse()?),
-            None => (rest, InboundMode::Strict),
-        };
-        let app_port = port
-            .parse()
-            .map_err(|_| bad("--inbound", s, "APP_PORT must be a port number"))?;
+        let mut parts = rest.split(':');
+        let app_port = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| bad("--inbound", s, "APP_PORT must be a port number"))?;
+        let (mut mode, mut protocol) = (InboundMode::Strict, Protocol::Tcp);
+        for word in parts {
+            match word {
+                "tcp" => protocol = Protocol::Tcp,
+                "http" => protocol = Protocol::Http,
+                other => mode = other.parse()?,
+            }
+        }
         Ok(Self {
             listen,
             app_port,
             mode,
-            protocol: Protocol::Tcp,
+            protocol,
         })
     }
 }
@@ -347,6 +356,8 @@ pub struct TransparentConfig {
     pub default_mode: InboundMode,
     /// Per original inbound port modes.
     pub ports: BTreeMap<u16, InboundMode>,
+    /// Per original inbound port protocols (default tcp).
+    pub protocols: BTreeMap<u16, Protocol>,
     /// Mesh destinations and their expected identities; anything else is passthrough egress.
     pub destinations: Vec<Destination>,
 }
@@ -359,6 +370,7 @@ impl Default for TransparentConfig {
             outbound_addr: SocketAddr::from(([0, 0, 0, 0], 15001)),
             default_mode: InboundMode::Strict,
             ports: BTreeMap::new(),
+            protocols: BTreeMap::new(),
             destinations: Vec::new(),
         }
     }

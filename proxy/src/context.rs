@@ -29,6 +29,8 @@ pub struct ProxyContext {
     pub conns: Arc<Semaphore>,
     /// Becomes `true` when the proxy drains: listeners stop accepting.
     pub shutdown: watch::Receiver<bool>,
+    /// Pooled HTTP clients to local apps (`http` ports).
+    pub app_clients: crate::http::AppClients,
 }
 
 impl ProxyContext {

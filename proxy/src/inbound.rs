@@ -18,10 +18,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
 use crate::authz::ConnAttrs;
-use crate::config::InboundMode;
+use crate::config::{InboundMode, Protocol};
 use crate::context::{reset, Access, ProxyContext};
 use crate::copy;
 use crate::detect::{detect, Detected};
+use crate::http::ConnFacts;
 
 /// How long a permissive port waits for a first byte before treating the connection as a
 /// server-first plaintext protocol.
@@ -38,6 +39,8 @@ pub enum InboundTarget {
         app_port: u16,
         /// strict | permissive.
         mode: InboundMode,
+        /// tcp | http.
+        protocol: Protocol,
     },
     /// Transparent listener: app port = original destination port.
     Transparent {
@@ -45,22 +48,33 @@ pub enum InboundTarget {
         ports: BTreeMap<u16, InboundMode>,
         /// Mode of unlisted ports.
         default_mode: InboundMode,
+        /// Per-port protocols (default tcp).
+        protocols: BTreeMap<u16, Protocol>,
     },
 }
 
 impl InboundTarget {
-    /// (destination as the peer saw it, app port, mode) for an accepted socket.
-    fn resolve(&self, stream: &TcpStream) -> std::io::Result<(SocketAddr, u16, InboundMode)> {
+    /// (destination as the peer saw it, app port, mode, protocol) for an accepted socket.
+    fn resolve(
+        &self,
+        stream: &TcpStream,
+    ) -> std::io::Result<(SocketAddr, u16, InboundMode, Protocol)> {
         match self {
-            Self::Explicit { app_port, mode } => Ok((stream.local_addr()?, *app_port, *mode)),
+            Self::Explicit {
+                app_port,
+                mode,
+                protocol,
+            } => Ok((stream.local_addr()?, *app_port, *mode, *protocol)),
             Self::Transparent {
                 ports,
                 default_mode,
+                protocols,
             } => {
                 let local = stream.local_addr()?;
                 let dst = crate::sys::original_dst(stream, local.is_ipv6())?;
                 let mode = ports.get(&dst.port()).copied().unwrap_or(*default_mode);
-                Ok((dst, dst.port(), mode))
+                let protocol = protocols.get(&dst.port()).copied().unwrap_or_default();
+                Ok((dst, dst.port(), mode, protocol))
             }
         }
     }
@@ -74,7 +88,7 @@ pub async fn handle(
     src: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
-    let (dst, app_port, mode) = match target.resolve(&stream) {
+    let (dst, app_port, mode, protocol) = match target.resolve(&stream) {
         Ok(t) => t,
         Err(e) => {
             let a = Access::new(DIR, src, "?".into());
@@ -124,6 +138,17 @@ pub async fn handle(
                 );
                 return reset(stream);
             };
+            if protocol == Protocol::Http {
+                let facts = ConnFacts {
+                    peer: None,
+                    own: own.id.clone(),
+                    src,
+                    dst,
+                    app_port,
+                    tls: false,
+                };
+                return Box::pin(serve_http(&ctx, stream, facts, access)).await;
+            }
             let attrs = ConnAttrs {
                 peer: None,
                 own: &own.id,
@@ -188,6 +213,17 @@ pub async fn handle(
                 );
                 return reset(tls.into_inner().0);
             };
+            if protocol == Protocol::Http {
+                let facts = ConnFacts {
+                    peer: Some(peer),
+                    own: own.id.clone(),
+                    src,
+                    dst,
+                    app_port,
+                    tls: true,
+                };
+                return Box::pin(serve_http(&ctx, tls, facts, access)).await;
+            }
             let attrs = ConnAttrs {
                 peer: Some(&peer),
                 own: &own.id,
@@ -215,6 +251,33 @@ pub async fn handle(
             access.finished(&ctx.metrics, &stats);
         }
     }
+}
+
+/// An `http` port: per-request authorization and forwarding (see [`crate::http`]).
+async fn serve_http<S>(ctx: &ProxyContext, stream: S, facts: ConnFacts, access: Access)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let r = crate::http::serve(
+        stream,
+        facts,
+        ctx.authz.clone(),
+        ctx.metrics.clone(),
+        ctx.app_clients.clone(),
+    )
+    .await;
+    let end = match r {
+        Ok(()) => copy::CopyEnd::Closed,
+        Err(e) => copy::CopyEnd::Error(e),
+    };
+    access.finished(
+        &ctx.metrics,
+        &copy::CopyStats {
+            a_to_b: 0,
+            b_to_a: 0,
+            end,
+        },
+    );
 }
 
 async fn connect_app(ctx: &ProxyContext, access: &Access, app_port: u16) -> Option<TcpStream> {

@@ -11,6 +11,7 @@ pub mod context;
 pub mod copy;
 pub mod credentials;
 pub mod detect;
+pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

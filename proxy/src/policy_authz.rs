@@ -92,6 +92,43 @@ impl Authorizer for PolicyAuthorizer {
         }
     }
 
+    fn authorize_request(
+        &self,
+        conn: &ConnAttrs<'_>,
+        http: &crate::http::HttpAttrs<'_>,
+    ) -> Verdict {
+        let Some(active) = self.active.load_full() else {
+            return Verdict::deny("policy:not-loaded");
+        };
+        let compiled = active.policy.load();
+        let path = match policy::normalize_path(compiled.settings().path_normalization, http.path) {
+            Ok(p) => p,
+            Err(e) => return Verdict::deny(format!("policy:bad-path ({e})")),
+        };
+        let host = http.host.map(policy::normalize_name);
+        let headers = crate::http::Headers(http.headers);
+        let protocol = if http.grpc {
+            Protocol::Grpc
+        } else {
+            Protocol::Http
+        };
+        let mut req = Request::new(Direction::Inbound, protocol);
+        req.peer = conn.peer;
+        req.source_ip = Some(conn.src.ip());
+        req.destination_ip = Some(conn.dst.ip());
+        req.destination_port = Some(conn.app_port);
+        req.method = Some(http.method);
+        req.path = Some(&path);
+        req.host = host.as_deref();
+        req.headers = &headers;
+        let decision = compiled.decide(&req);
+        policy::log_decision(&req, &decision);
+        Verdict {
+            allow: decision.allow,
+            rule: decision.reason.to_string(),
+        }
+    }
+
     fn ready(&self) -> bool {
         self.active.load().is_some()
     }

@@ -78,8 +78,9 @@ impl Proxy {
             let target = InboundTarget::Explicit {
                 app_port: i.app_port,
                 mode: i.mode,
+                protocol: i.protocol,
             };
-            described.push(serde_json::json!({"kind": "inbound", "listen": l.local_addr().ok(), "app_port": i.app_port, "mode": i.mode}));
+            described.push(serde_json::json!({"kind": "inbound", "listen": l.local_addr().ok(), "app_port": i.app_port, "mode": i.mode, "protocol": i.protocol}));
             listeners.push(Listener::Inbound(l, Arc::new(target)));
         }
         for r in &config.outbound {
@@ -105,6 +106,7 @@ impl Proxy {
             let target = InboundTarget::Transparent {
                 ports: t.ports.clone(),
                 default_mode: t.default_mode,
+                protocols: t.protocols.clone(),
             };
             listeners.push(Listener::Inbound(l, Arc::new(target)));
             let l = bind(t.outbound_addr, "transparent outbound".into()).await?;
@@ -128,6 +130,7 @@ impl Proxy {
             limits: config.limits.clone(),
             conns: Arc::new(Semaphore::new(max)),
             shutdown,
+            app_clients: crate::http::AppClients::new(),
         });
         let state = AdminState {
             creds,

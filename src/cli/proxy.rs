@@ -22,10 +22,10 @@ YAML (--config; every field optional; flags add to / override it; `--print-confi
 the effective result):
   agent_socket: /run/svidcar/agent.sock
   admin_addr: 127.0.0.1:15000
-  inbound:     [{listen: 0.0.0.0:8443, app_port: 8080, mode: strict|permissive, protocol: tcp}]
+  inbound:     [{listen: 0.0.0.0:8443, app_port: 8080, mode: strict|permissive, protocol: tcp|http}]
   outbound:    [{listen: 127.0.0.1:9000, upstream: host:port, expect: spiffe://td/path | td}]
   transparent: {enabled: false, inbound_addr: 0.0.0.0:15006, outbound_addr: 0.0.0.0:15001,
-                default_mode: strict, ports: {8080: permissive},
+                default_mode: strict, ports: {8080: permissive}, protocols: {8080: http},
                 destinations: [{dst: 10.0.0.0/8 | 10.1.2.3:80 | fd00::/8, port: 8443, expect: td}]}
   limits:      {max_connections: 10000, handshake_timeout: 10s, idle_timeout: 1h,
                 drain_timeout: 20s, connect_timeout: 5s}
@@ -50,8 +50,10 @@ pub struct ProxyCmd {
     admin_addr: Option<std::net::SocketAddr>,
     /// Explicit inbound listener: mTLS on ADDR, forwarded to 127.0.0.1:APP_PORT.
     /// MODE is `strict` (default: mTLS only) or `permissive` (plaintext admitted as
-    /// unauthenticated). Repeatable. Example: `0.0.0.0:8443=8080:strict`.
-    #[arg(long = "inbound", value_name = "ADDR=APP_PORT[:MODE]")]
+    /// unauthenticated); PROTOCOL is `tcp` (default: one decision per connection) or `http`
+    /// (HTTP/1.1 and HTTP/2: one decision per request, denials are 403). Repeatable.
+    /// Example: `0.0.0.0:8443=8080:strict:http`.
+    #[arg(long = "inbound", value_name = "ADDR=APP_PORT[:MODE][:PROTOCOL]")]
     inbound: Vec<String>,
     /// Explicit outbound route: plaintext listener on LISTEN_ADDR (loopback), mTLS to
     /// UPSTREAM_ADDR, whose SVID must be ID (`spiffe://td/path`) or any ID of trust domain TD.
