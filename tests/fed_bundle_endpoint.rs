@@ -202,7 +202,7 @@ async fn two_agents_federate_over_https_spiffe_bundle_endpoints() {
     let new_root = new_root.expect("b.test never rotated its CA");
     let seen_at = Instant::now();
     wait_for(
-        4,
+        6,
         "b.test's new root in a.test's federated bundle",
         || async {
             context(&a.socket)
