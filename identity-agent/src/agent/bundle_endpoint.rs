@@ -32,6 +32,8 @@ use crate::agent::TrustState;
 use crate::bundle::Bundle;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
+/// Concurrent connections served; more are dropped at accept.
+const MAX_CONNECTIONS: usize = 256;
 /// Default `spiffe_refresh_hint` served to consumers.
 pub const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(300);
 
@@ -288,6 +290,7 @@ pub async fn serve(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let seq = Arc::new(Mutex::new(Sequencer { last: None, seq: 0 }));
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(addr = %cfg.addr, profile = ?cfg.profile, "SPIFFE bundle endpoint listening");
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -297,6 +300,10 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "bundle endpoint busy ({MAX_CONNECTIONS} connections); dropping one");
+            continue;
         };
         let (acceptor, state, seq, hint) = (
             acceptor.clone(),
@@ -336,6 +343,7 @@ pub async fn serve(
             });
             let conn =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+            let _permit = permit;
             if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
                 tracing::debug!(peer = %peer, error = %e, "bundle endpoint connection timed out");
             }
