@@ -284,7 +284,9 @@ pub fn secrets(
     out
 }
 
-/// Wraps secrets as `Any`s and computes a content version (stable for equal contents).
+/// Wraps secrets as `Any`s and computes a content version (stable for equal contents). The
+/// version is derived from everything but private keys (a new key always comes with a new
+/// certificate), so nothing derived from a key is ever sent or logged.
 pub fn encode(secrets: &[Secret]) -> (Vec<prost_types::Any>, String) {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -292,7 +294,11 @@ pub fn encode(secrets: &[Secret]) -> (Vec<prost_types::Any>, String) {
         .iter()
         .map(|s| {
             let value = s.encode_to_vec();
-            value.hash(&mut h);
+            let mut public = s.clone();
+            if let Some(secret::Type::TlsCertificate(t)) = &mut public.r#type {
+                t.private_key = None;
+            }
+            public.encode_to_vec().hash(&mut h);
             prost_types::Any {
                 type_url: SECRET_TYPE_URL.to_string(),
                 value,
