@@ -31,7 +31,8 @@ pub struct AgentCmd {
     /// Socket file mode, octal [default: 0777].
     #[arg(long)]
     socket_mode: Option<String>,
-    /// State directory for the CA key and certificates.
+    /// State directory for the CA and JWT keys (0600) and certificates [default:
+    /// /tmp/svidcar/agent-state, or /var/lib/svidcar/agent when run as root].
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// X.509-SVID lifetime, e.g. 1h, 30s, 500ms [default: 1h].
@@ -64,6 +65,8 @@ pub struct AgentCmd {
     health_addr: Option<String>,
     #[command(flatten)]
     federation: Box<super::agent_federation::FederationArgs>,
+    #[command(flatten)]
+    k8s: Box<super::agent_k8s::K8sArgs>,
 }
 
 impl AgentCmd {
@@ -102,6 +105,7 @@ impl AgentCmd {
             });
         }
         self.federation.apply(&mut f)?;
+        self.k8s.apply(&mut f);
         for fed in &self.federate {
             f.federation.push(parse_federate_flag(fed)?);
         }

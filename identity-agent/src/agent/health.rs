@@ -155,8 +155,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::R
         tracing::info!(%addr, "health and metrics listening");
     }
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // E.g. EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "health listener accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         let ready = ready.clone();

@@ -6,7 +6,6 @@
 //! then again whenever the CA or a bundle changes and at half life of the SVIDs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -77,29 +76,39 @@ type Sender<T> = mpsc::Sender<Result<T, Status>>;
 impl WorkloadApi {
     /// Attests the caller and returns it with its matching entries.
     #[allow(clippy::result_large_err)]
-    fn entitled<T>(&self, req: &Request<T>) -> Result<(Workload, Vec<Entry>), Status> {
+    fn entitled<T>(
+        &self,
+        req: &Request<T>,
+    ) -> impl std::future::Future<Output = Result<(Workload, Vec<Entry>), Status>> + Send + '_
+    {
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|i| i.peer_cred);
-        let workload = attest::unix::attest(cred, Path::new("/proc")).map_err(|e| {
-            self.metrics.attestation_failed(e.reason());
-            tracing::warn!(error = %e, "attestation failed");
-            Status::permission_denied(format!("caller could not be attested: {e}"))
-        })?;
-        let matched: Vec<Entry> = entries::matching(&self.config.entries, &workload.selectors)
-            .into_iter()
-            .cloned()
-            .collect();
-        if matched.is_empty() {
-            self.metrics.no_entry.inc();
-            tracing::info!(pid = workload.pid, selectors = ?workload.selectors,
-                "no registration entry matches the caller");
-            return Err(Status::permission_denied(
-                "no identity issued: no registration entry matches the caller",
-            ));
+        async move {
+            let workload = attest::caller::attest_caller(cred, &self.config)
+                .await
+                .map_err(|e| {
+                    self.metrics.attestation_failed(e.reason());
+                    tracing::warn!(error = %e, "attestation failed");
+                    Status::permission_denied(format!("caller could not be attested: {e}"))
+                })?;
+            let mut matched: Vec<Entry> =
+                entries::matching(&self.config.entries, &workload.selectors)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+            attest::caller::add_auto_identity(&self.config, &workload, &mut matched);
+            if matched.is_empty() {
+                self.metrics.no_entry.inc();
+                tracing::info!(pid = workload.pid, selectors = ?workload.selectors,
+                    "no registration entry matches the caller");
+                return Err(Status::permission_denied(
+                    "no identity issued: no registration entry matches the caller",
+                ));
+            }
+            Ok((workload, matched))
         }
-        Ok((workload, matched))
     }
 
     fn stop_rx(&self) -> watch::Receiver<bool> {
@@ -247,9 +256,11 @@ async fn x509_stream(
             .map(IssuedSvid::refresh_at)
             .min()
             .unwrap_or(now);
+        // Floor: an SVID capped by a CA about to expire must not make the stream spin.
         let wait = refresh
             .duration_since(SystemTime::now())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .max(Duration::from_millis(100));
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(wait) => {}
@@ -295,7 +306,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (workload, matched) = self.entitled(&req)?;
+        let (workload, matched) = self.entitled(&req).await?;
         tracing::debug!(pid = workload.pid, ids = matched.len(), "FetchX509SVID");
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(x509_stream(
@@ -313,7 +324,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (_, matched) = self.entitled(&req)?;
+        let (_, matched) = self.entitled(&req).await?;
         let allowed = federated_for(&matched);
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(bundles_stream(
@@ -333,7 +344,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (_, matched) = self.entitled(&req)?;
+        let (_, matched) = self.entitled(&req).await?;
         let allowed = federated_for(&matched);
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(bundles_stream(
@@ -355,7 +366,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if req.get_ref().audience.iter().all(|a| a.is_empty()) {
             return Err(Status::invalid_argument("audience must be specified"));
         }
-        let (_, matched) = self.entitled(&req)?;
+        let (_, matched) = self.entitled(&req).await?;
         let r = req.get_ref();
         let wanted = if r.spiffe_id.is_empty() {
             None
@@ -410,7 +421,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }
-        let (_, matched) = self.entitled(&req)?;
+        let (_, matched) = self.entitled(&req).await?;
         let st = self.state.borrow().clone();
         let mut set = crate::bundle::BundleSet::new();
         set.insert((*st.bundle).clone());
