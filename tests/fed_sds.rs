@@ -139,4 +139,43 @@ async fn federates_with_filters_workload_api_and_sds() {
             "spiffe://c.test"
         ]
     );
+
+    // A federated bundle change is pushed on an open StreamSecrets with a new version.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let req = |version: &str, nonce: &str| DiscoveryRequest {
+        version_info: version.into(),
+        resource_names: vec!["spiffe://c.test".into()],
+        type_url: SECRET_TYPE.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    tx.send(req("", "")).await.unwrap();
+    let mut stream = c
+        .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    tx.send(req(&first.version_info, &first.nonce))
+        .await
+        .unwrap();
+    let new_c = ca_pem("c.test");
+    std::fs::write(dir.path().join("c.pem"), &new_c).unwrap();
+    let pushed = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+        .await
+        .expect("no push after the c.test bundle changed")
+        .unwrap()
+        .unwrap();
+    assert_ne!(pushed.version_info, first.version_info);
+    assert_ne!(pushed.nonce, first.nonce);
+    let s = Secret::decode(pushed.resources[0].value.as_slice()).unwrap();
+    let Some(secret::Type::ValidationContext(vc)) = &s.r#type else {
+        panic!("pushed secret")
+    };
+    let Some(svidcar_proto::envoy::config::core::v3::data_source::Specifier::InlineBytes(pem)) =
+        vc.trusted_ca.as_ref().and_then(|d| d.specifier.clone())
+    else {
+        panic!("pushed trusted_ca");
+    };
+    assert_eq!(String::from_utf8(pem).unwrap().trim(), new_c.trim());
 }
