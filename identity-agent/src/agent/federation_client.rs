@@ -380,6 +380,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn yaml_config() {
+        let f: crate::agent::config::AgentFile = serde_yaml_ng::from_str(
+            "trust_domain: a.org\nbundle_endpoint:\n  address: 127.0.0.1:8443\n  refresh_hint: 1m\nfederation_endpoints:\n  - trust_domain: b.org\n    url: https://b.example:8443\n    profile: https_spiffe\n    endpoint_spiffe_id: spiffe://b.org/be\n  - trust_domain: c.org\n    url: https://c.example\n    profile: https_web\n    ca_file: /etc/c-ca.pem\nfederation_min_refresh: 10s\n",
+        )
+        .unwrap();
+        let cfg = crate::agent::config::AgentConfig::from_file(f).unwrap();
+        let be = cfg.bundle_endpoint.unwrap();
+        assert_eq!(be.refresh_hint, Duration::from_secs(60));
+        let eps = cfg.federation_endpoints;
+        assert_eq!(eps.min_refresh, Duration::from_secs(10));
+        assert_eq!(eps.endpoints.len(), 2);
+        assert_eq!(eps.endpoints[1].port, 443);
+        let bad: crate::agent::config::AgentFile = serde_yaml_ng::from_str(
+            "federation_endpoints:\n  - trust_domain: b.org\n    url: https://b\n    profile: https_spiffe\n  - trust_domain: b.org\n    url: https://b2\n    profile: https_spiffe\n",
+        )
+        .unwrap();
+        assert!(crate::agent::config::AgentConfig::from_file(bad).is_err());
+    }
+
+    #[test]
     fn flags_and_urls() {
         let own = TrustDomain::parse("a.org").unwrap();
         let f = parse_flag("b.org=https://127.0.0.1:8443,https_spiffe,spiffe://b.org/be").unwrap();
