@@ -160,6 +160,8 @@ pub struct AgentFile {
     pub federation_endpoints: Vec<crate::agent::federation_client::EndpointFile>,
     /// Lower bound on the bundle endpoint poll interval (default 30s).
     pub federation_min_refresh: Option<String>,
+    /// Kubernetes workload attestation (see `agent::attest::k8s`).
+    pub k8s: Option<crate::agent::attest::k8s::K8sFile>,
 }
 
 impl AgentFile {
@@ -216,6 +218,8 @@ pub struct AgentConfig {
     pub bundle_endpoint: Option<crate::agent::bundle_endpoint::BundleEndpointConfig>,
     /// Foreign bundle endpoints polled into the federated bundles.
     pub federation_endpoints: crate::agent::federation_client::FederationEndpoints,
+    /// Kubernetes attestation, when enabled.
+    pub k8s: Option<std::sync::Arc<crate::agent::attest::k8s::K8sAttestor>>,
 }
 
 impl AgentConfig {
@@ -290,7 +294,14 @@ impl AgentConfig {
             f.federation_min_refresh.as_deref(),
             &trust_domain,
         )?;
+        let k8s = match f.k8s.filter(|k| k.is_enabled()) {
+            None => None,
+            Some(k) => Some(std::sync::Arc::new(
+                crate::agent::attest::k8s::K8sAttestor::new(k.resolve(&trust_domain)?)?,
+            )),
+        };
         Ok(Self {
+            k8s,
             bundle_endpoint,
             federation_endpoints,
             trust_domain,

@@ -13,7 +13,6 @@
 //! - `FetchSecrets`: one response for the requested names.
 //! - `DeltaSecrets`: `UNIMPLEMENTED` (Envoy falls back to state of the world).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -67,29 +66,38 @@ impl Sds {
 
     /// Attests the caller (same rules as the Workload API) and returns its entries.
     #[allow(clippy::result_large_err)]
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    fn caller<T>(
+        &self,
+        req: &Request<T>,
+    ) -> impl std::future::Future<Output = Result<Caller, Status>> + Send + '_ {
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|i| i.peer_cred);
-        let workload = attest::unix::attest(cred, Path::new("/proc")).map_err(|e| {
-            self.metrics.attestation_failed(e.reason());
-            tracing::warn!(error = %e, "SDS: attestation failed");
-            Status::permission_denied(format!("caller could not be attested: {e}"))
-        })?;
-        let matched: Vec<Entry> = entries::matching(&self.config.entries, &workload.selectors)
-            .into_iter()
-            .cloned()
-            .collect();
-        if matched.is_empty() {
-            self.metrics.no_entry.inc();
-            tracing::info!(pid = workload.pid, selectors = ?workload.selectors,
-                "SDS: no registration entry matches the caller");
-            return Err(Status::permission_denied(
-                "no identity issued: no registration entry matches the caller",
-            ));
+        async move {
+            let workload = attest::caller::attest_caller(cred, &self.config)
+                .await
+                .map_err(|e| {
+                    self.metrics.attestation_failed(e.reason());
+                    tracing::warn!(error = %e, "SDS: attestation failed");
+                    Status::permission_denied(format!("caller could not be attested: {e}"))
+                })?;
+            let mut matched: Vec<Entry> =
+                entries::matching(&self.config.entries, &workload.selectors)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+            attest::caller::add_auto_identity(&self.config, &workload, &mut matched);
+            if matched.is_empty() {
+                self.metrics.no_entry.inc();
+                tracing::info!(pid = workload.pid, selectors = ?workload.selectors,
+                    "SDS: no registration entry matches the caller");
+                return Err(Status::permission_denied(
+                    "no identity issued: no registration entry matches the caller",
+                ));
+            }
+            Ok(Caller::new(matched))
         }
-        Ok(Caller::new(matched))
     }
 }
 
@@ -326,7 +334,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let caller = self.caller(&req)?;
+        let caller = self.caller(&req).await?;
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(secrets_stream(
             caller,
@@ -344,7 +352,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let caller = self.caller(&req)?;
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
         check_type(&r)?;
         let st = self.state.borrow().clone();

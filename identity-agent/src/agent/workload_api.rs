@@ -79,8 +79,7 @@ impl WorkloadApi {
     fn entitled<T>(
         &self,
         req: &Request<T>,
-    ) -> impl std::future::Future<Output = Result<(Workload, Vec<Entry>), Status>> + Send + '_
-    {
+    ) -> impl std::future::Future<Output = Result<(Workload, Vec<Entry>), Status>> + Send + '_ {
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()

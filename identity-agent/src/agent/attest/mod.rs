@@ -1,6 +1,11 @@
 //! Workload attestation: who is calling on the socket, expressed as selectors
-//! (`unix:uid:1000`, `unix:gid:1000`, `unix:path:/usr/bin/app`).
+//! (`unix:uid:1000`, `unix:gid:1000`, `unix:path:/usr/bin/app`; on Kubernetes `k8s:ns:…`,
+//! `k8s:sa:…`, `k8s:pod-label:k:v`, … — see [`k8s`]).
 
+pub mod caller;
+pub mod k8s;
+pub mod k8s_cgroup;
+mod k8s_tls;
 pub mod unix;
 
 use std::collections::BTreeSet;
@@ -20,6 +25,8 @@ pub enum AttestError {
     Changed { pid: i32, what: String },
     #[error("cannot read /proc/{pid}: {reason}")]
     Proc { pid: i32, reason: String },
+    #[error("Kubernetes attestation: {0}")]
+    Kubernetes(String),
 }
 
 impl AttestError {
@@ -30,6 +37,7 @@ impl AttestError {
             AttestError::NoPid => "no_pid",
             AttestError::Changed { .. } => "pid_reused",
             AttestError::Proc { .. } => "proc_unreadable",
+            AttestError::Kubernetes(_) => "kubernetes",
         }
     }
 }
