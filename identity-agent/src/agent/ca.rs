@@ -95,6 +95,37 @@ fn random_serial() -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&b))
 }
 
+/// A fresh P-256 SVID key: generated once (no PKCS#8 round trip), only its public half goes
+/// into the certificate and the PKCS#8 form to the workload.
+struct LeafKey {
+    public: Vec<u8>,
+    pkcs8: Vec<u8>,
+}
+
+impl LeafKey {
+    fn generate() -> Result<Self, CaError> {
+        use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
+        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+            .map_err(|_| CaError::KeyGen("P-256 key generation failed".into()))?;
+        let pkcs8 = key
+            .to_pkcs8v1()
+            .map_err(|_| CaError::KeyGen("cannot serialize the SVID key".into()))?;
+        Ok(Self {
+            public: key.public_key().as_ref().to_vec(),
+            pkcs8: pkcs8.as_ref().to_vec(),
+        })
+    }
+}
+
+impl rcgen::PublicKeyData for LeafKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
 fn sign_err(e: rcgen::Error) -> CaError {
     CaError::Sign(e.to_string())
 }
@@ -211,7 +242,7 @@ impl SigningCa {
         if now >= self.not_after {
             return Err(CaError::Expired(self.not_after));
         }
-        let key = KeyPair::generate().map_err(|e| CaError::KeyGen(e.to_string()))?;
+        let key = LeafKey::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "svidcar");
@@ -247,7 +278,7 @@ impl SigningCa {
             id: id.clone(),
             hint: hint.to_string(),
             chain_der,
-            key_pkcs8: key.serialize_der(),
+            key_pkcs8: key.pkcs8,
             issued_at: now,
             not_after,
         })
