@@ -69,10 +69,13 @@ pub struct AppClients {
 impl AppClients {
     /// New pools.
     pub fn new() -> Self {
-        let h1 = Client::builder(TokioExecutor::new()).build_http();
+        // From 127.0.0.6, like every inbound forward (see `inbound::connect_from_passthrough`).
+        let mut conn = HttpConnector::new();
+        conn.set_local_address(Some(crate::init::INBOUND_PASSTHROUGH_SOURCE_V4.into()));
+        let h1 = Client::builder(TokioExecutor::new()).build(conn.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
-            .build_http();
+            .build(conn);
         Self { h1, h2 }
     }
 }

@@ -101,6 +101,16 @@ pub async fn handle(
         }
     };
     let mut access = Access::new(DIR, src, dst.to_string());
+    if matches!(*target, InboundTarget::Transparent { .. })
+        && crate::init::is_proxy_port(dst.port())
+    {
+        access.refused(
+            &ctx.metrics,
+            "refused",
+            "original destination is one of the proxy's own ports (redirect loop)",
+        );
+        return reset(stream);
+    }
 
     // Phase 2: detection.
     let wait = match mode {
@@ -280,9 +290,21 @@ where
     );
 }
 
+/// Connects to the app from [`crate::init::INBOUND_PASSTHROUGH_SOURCE_V4`] (`127.0.0.6`): the
+/// rules of `svidcar init` never capture that source, so neither the proxy's forwarding nor
+/// the app's replies are redirected back into the proxy.
+async fn connect_from_passthrough(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((
+        crate::init::INBOUND_PASSTHROUGH_SOURCE_V4,
+        0,
+    )))?;
+    sock.connect(addr).await
+}
+
 async fn connect_app(ctx: &ProxyContext, access: &Access, app_port: u16) -> Option<TcpStream> {
     let addr = SocketAddr::from(([127, 0, 0, 1], app_port));
-    match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(addr)).await {
+    match tokio::time::timeout(ctx.limits.connect_timeout.0, connect_from_passthrough(addr)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             access.refused(

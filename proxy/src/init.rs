@@ -69,6 +69,15 @@ pub const DEFAULT_PROXY_UID: u32 = 1337;
 /// forwarding is never redirected back into itself (the same constant as Istio's).
 pub const INBOUND_PASSTHROUGH_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
+/// True for the proxy's own default ports (admin, outbound, inbound): a redirected connection
+/// whose original destination is one of them would loop through the proxy, so it is refused.
+pub fn is_proxy_port(port: u16) -> bool {
+    matches!(
+        port,
+        DEFAULT_ADMIN_PORT | DEFAULT_OUTBOUND_PORT | DEFAULT_INBOUND_PORT
+    )
+}
+
 /// Nat-table chain names of the iptables backend (created, flushed and deleted by svidcar only).
 pub const IPTABLES_CHAINS: [&str; 4] = [
     "SVIDCAR_INBOUND",
