@@ -8,6 +8,8 @@
 # Seeds are read from fuzz/corpus/<target> (committed, small); what the fuzzer learns goes to
 # fuzz/target/corpus/<target> (not committed, kept between runs). Crashes are written to
 # fuzz/artifacts/<target>/; reproduce one with `cargo +nightly fuzz run <target> <file>`.
+# All targets are built once, up front, and the built binaries are run directly, so every
+# target fuzzes the same snapshot of the sources even while they are being edited.
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`) and a nightly toolchain; without
 # nightly, RUSTC_BOOTSTRAP=1 on stable is used instead.
 set -euo pipefail
@@ -16,6 +18,8 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
 jobs=${FUZZ_JOBS:-1}
+parallel=()
+if [ "$jobs" -gt 1 ]; then parallel=(-jobs="$jobs" -workers="$jobs"); fi
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "cargo-fuzz is missing: cargo install cargo-fuzz --locked" >&2
@@ -34,16 +38,18 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 
 "${fuzz[@]}" build >/dev/null
+bin_dir=target/x86_64-unknown-linux-gnu/release
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_odr_violation=0}
 mkdir -p target/logs
 summary=()
 failed=0
 for t in "${targets[@]}"; do
-  mkdir -p "target/corpus/$t" "corpus/$t"
+  mkdir -p "target/corpus/$t" "corpus/$t" "artifacts/$t"
   log="target/logs/$t.log"
   echo "== $t: ${secs}s" >&2
   status=ok
-  if ! "${fuzz[@]}" run "$t" "target/corpus/$t" "corpus/$t" -- \
-      -max_total_time="$secs" -jobs="$jobs" -workers="$jobs" -rss_limit_mb=2048 \
+  if ! "$bin_dir/$t" "target/corpus/$t" "corpus/$t" -artifact_prefix="artifacts/$t/" \
+      -max_total_time="$secs" "${parallel[@]}" -rss_limit_mb=2048 \
       -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
     status=CRASH
     failed=1
@@ -57,10 +63,12 @@ for t in "${targets[@]}"; do
   ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
   corp=$(find "target/corpus/$t" -type f | wc -l)
   rm -f fuzz-*.log
+  rmdir "artifacts/$t" 2>/dev/null || true
   summary+=("$(printf '%-18s %-6s %8ss %12s execs  cov %-6s ft %-6s corpus %s' \
     "$t" "$status" "$secs" "$execs" "${cov:-?}" "${ft:-?}" "$corp")")
   if [ "$status" != ok ]; then
     grep -E 'panicked|ERROR: AddressSanitizer|SUMMARY|Test unit written' "$log" | head -5 >&2 || true
+    rmdir "artifacts/$t" 2>/dev/null || true
   fi
 done
 

@@ -152,12 +152,20 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
             field,
             message,
         };
+        let mut last_error = String::new();
         for (doc_index, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let doc = match Option::<PolicyDoc>::deserialize(de) {
                 Ok(Some(doc)) => doc,
                 Ok(None) => continue,
                 Err(e) => {
-                    let (field, message) = split_serde_error(&e.to_string());
+                    // After a YAML syntax error serde_yaml_ng yields the same error forever
+                    // (found by fuzz/policy_yaml: unbounded memory): stop at the repeat.
+                    let text = e.to_string();
+                    if text == last_error {
+                        break;
+                    }
+                    let (field, message) = split_serde_error(&text);
+                    last_error = text;
                     issues.push(issue(e.location().map(|l| l.line()), field, message));
                     continue;
                 }
@@ -435,5 +443,27 @@ impl<'a> Locator<'a> {
                     || t.contains(&format!("{{{needle}"))
             })
             .map(|(n, _)| *n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (fuzz/policy_yaml): a YAML syntax error used to make the loader collect the
+    /// same error forever until memory ran out.
+    #[test]
+    fn a_yaml_syntax_error_is_reported_once_and_loading_ends() {
+        let text = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: a\n  rules: [{from: [x]}]}]\n";
+        let err = load_texts(&[(PathBuf::from("bad.yaml"), text.to_string())])
+            .err()
+            .expect("a syntax error is an error");
+        let syntax = err
+            .issues
+            .iter()
+            .filter(|i| i.message.contains("did not find expected key"))
+            .count();
+        assert_eq!(syntax, 1, "{err}");
+        assert!(err.issues.len() <= 2, "{err}");
     }
 }
