@@ -119,3 +119,48 @@ fn http_port_decides_per_request_with_403() {
     ]);
     assert!(backend.metric_sum(&["svidcar_proxy_decisions_total", "deny"]) >= 2.0);
 }
+
+/// Mesh egress: the policy sees the expected SPIFFE ID of a route before it is dialed; a route
+/// whose expected identity no rule allows is refused with the rule in the log.
+#[test]
+fn egress_policy_on_mesh_routes() {
+    let mesh = Mesh::start("proxy-egress", &[]);
+    let app = TestApp::start("app");
+    let (_backend, in_port) = mesh.backend(app.port, "strict");
+    let file = mesh.dir.path().join("egress.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: to-backend\n  direction: egress\n  action: allow\n  rules: [{{ to: [{{ spiffeIds: [\"spiffe://{TD}/backend\"] }}] }}]\n"
+        ),
+    )
+    .unwrap();
+    let (ok_port, td_port) = (common::free_port(), common::free_port());
+    let frontend = mesh.sidecar(
+        "frontend",
+        &mesh.frontend_bin.clone(),
+        &[
+            "--policy".into(),
+            file.display().to_string(),
+            "--outbound".into(),
+            format!("127.0.0.1:{ok_port}=127.0.0.1:{in_port},spiffe://{TD}/backend"),
+            "--outbound".into(),
+            format!("127.0.0.1:{td_port}=127.0.0.1:{in_port},{TD}"),
+        ],
+    );
+    assert_eq!(
+        http_get(([127, 0, 0, 1], ok_port).into(), "/").unwrap(),
+        (200, "hello from app\n".into())
+    );
+    frontend.wait_log(&[
+        "direction=\"outbound\"",
+        "rule=\"to-backend/rules[0]\"",
+        "outcome=\"allowed\"",
+    ]);
+    let r = http_get(([127, 0, 0, 1], td_port).into(), "/");
+    assert!(
+        !matches!(r, Ok((200, _))),
+        "egress without an allowed identity went through: {r:?}"
+    );
+    frontend.wait_log(&["outcome=\"denied\"", "default:deny(implicit)"]);
+}

@@ -29,6 +29,25 @@ pub struct ConnAttrs<'a> {
     pub tls: bool,
 }
 
+/// Everything known about an outbound connection before it is dialed.
+#[derive(Debug, Clone, Copy)]
+pub struct EgressAttrs<'a> {
+    /// Our own SPIFFE ID.
+    pub own: &'a SpiffeId,
+    /// The application's socket address.
+    pub src: SocketAddr,
+    /// Destination IP, when known (transparent mode, or an IP upstream).
+    pub dst_ip: Option<std::net::IpAddr>,
+    /// Destination port.
+    pub dst_port: u16,
+    /// Mesh destination: the exact SPIFFE ID the server must present (from the outbound config).
+    pub destination_id: Option<&'a SpiffeId>,
+    /// TLS SNI seen in the application's ClientHello (passthrough egress).
+    pub sni: Option<&'a str>,
+    /// True for mesh destinations (mTLS originated by us).
+    pub mesh: bool,
+}
+
 /// An authorization decision with the rule (or default) that made it, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -67,6 +86,12 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize_request(&self, conn: &ConnAttrs<'_>, req: &crate::http::HttpAttrs<'_>) -> Verdict {
         let _ = req;
         self.authorize_inbound(conn)
+    }
+    /// Decides an outbound connection (mesh or passthrough egress) before dialing.
+    /// Default (no policy, POLICY.md §9): allowed and logged.
+    fn authorize_egress(&self, conn: &EgressAttrs<'_>) -> Verdict {
+        let _ = conn;
+        Verdict::allow("default:egress-allow")
     }
     /// False until the policy is loaded (gates `/ready`).
     fn ready(&self) -> bool {

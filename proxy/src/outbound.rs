@@ -18,8 +18,13 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 
+use crate::authz::EgressAttrs;
 use crate::config::DstMatch;
 use crate::context::{reset, Access, ProxyContext};
+
+/// How long passthrough egress waits for a TLS ClientHello to read its SNI (server-first
+/// protocols send nothing and are decided without a name).
+const SNI_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 use crate::copy;
 
 /// Where an outbound listener sends its connections.
@@ -84,15 +89,17 @@ pub async fn handle(
             expect,
         } => {
             let access = Access::new("outbound", src, upstream.clone());
-            mesh(
-                &ctx,
-                access,
-                app,
-                upstream.as_str(),
-                server_name.clone(),
-                expect,
-            )
-            .await;
+            let (host, port) = upstream
+                .rsplit_once(':')
+                .unwrap_or((upstream.as_str(), "0"));
+            let ip = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .ok();
+            let dst = (ip, port.parse().unwrap_or(0));
+            let name = server_name.clone();
+            mesh(&ctx, access, app, upstream.as_str(), dst, name, expect).await;
         }
         OutboundTarget::Transparent {
             destinations,
@@ -133,7 +140,8 @@ pub async fn handle(
                 Some(m) => {
                     let access = Access::new("outbound", src, dst.to_string());
                     let name = ServerName::IpAddress(dst.ip().into());
-                    mesh(&ctx, access, app, dst, name, &m.expect).await;
+                    let d = (Some(dst.ip()), dst.port());
+                    mesh(&ctx, access, app, dst, d, name, &m.expect).await;
                 }
                 None => passthrough(&ctx, app, src, dst).await,
             }
@@ -147,6 +155,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
     mut access: Access,
     app: TcpStream,
     upstream: A,
+    dst: (Option<std::net::IpAddr>, u16),
     name: ServerName<'static>,
     expect: &ExpectedPeer,
 ) {
@@ -159,6 +168,30 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         return reset(app);
     };
     access.own_id = Some(own.id.clone());
+    let destination_id = match expect {
+        ExpectedPeer::Id(id) => Some(id),
+        ExpectedPeer::TrustDomain(_) => None,
+    };
+    let attrs = EgressAttrs {
+        own: &own.id,
+        src: access.src,
+        dst_ip: dst.0,
+        dst_port: dst.1,
+        destination_id,
+        sni: None,
+        mesh: true,
+    };
+    let verdict = ctx.authz.authorize_egress(&attrs);
+    ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
+    access.rule = Some(verdict.rule.clone());
+    if !verdict.allow {
+        access.refused(
+            &ctx.metrics,
+            "denied",
+            &format!("denied by {}", verdict.rule),
+        );
+        return reset(app);
+    }
     let Some(config) = own.client_config(expect) else {
         access.refused(
             &ctx.metrics,
@@ -219,8 +252,37 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
 /// Non-mesh destination in transparent mode: egress passthrough (allowed and logged).
 async fn passthrough(ctx: &ProxyContext, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let mut access = Access::new("egress", src, dst.to_string());
-    access.rule = Some("default:egress-allow".into());
-    ctx.metrics.decision("egress", true, "default:egress-allow");
+    let Some(own) = ctx.creds.current() else {
+        access.refused(
+            &ctx.metrics,
+            "no_identity",
+            "no valid SVID held (agent unreachable and SVID expired?)",
+        );
+        return reset(app);
+    };
+    access.own_id = Some(own.id.clone());
+    let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
+    let attrs = EgressAttrs {
+        own: &own.id,
+        src,
+        dst_ip: Some(dst.ip()),
+        dst_port: dst.port(),
+        destination_id: None,
+        sni: sni.as_deref(),
+        mesh: false,
+    };
+    let verdict = ctx.authz.authorize_egress(&attrs);
+    ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
+    access.rule = Some(verdict.rule.clone());
+    if !verdict.allow {
+        let what = sni.map(|s| format!(" (SNI {s})")).unwrap_or_default();
+        access.refused(
+            &ctx.metrics,
+            "denied",
+            &format!("egress{what} denied by {}", verdict.rule),
+        );
+        return reset(app);
+    }
     let up = match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(dst)).await
     {
         Ok(Ok(s)) => s,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use svidcar_agent::SpiffeId;
 
-use crate::authz::{Authorizer, ConnAttrs, Verdict};
+use crate::authz::{Authorizer, ConnAttrs, EgressAttrs, Verdict};
 use crate::credentials::Credentials;
 use crate::policy::{
     self, CompiledPolicy, Direction, PolicyLoadError, PolicySet, Protocol, Request,
@@ -122,6 +122,30 @@ impl Authorizer for PolicyAuthorizer {
         req.host = host.as_deref();
         req.headers = &headers;
         let decision = compiled.decide(&req);
+        policy::log_decision(&req, &decision);
+        Verdict {
+            allow: decision.allow,
+            rule: decision.reason.to_string(),
+        }
+    }
+
+    fn authorize_egress(&self, conn: &EgressAttrs<'_>) -> Verdict {
+        let Some(active) = self.active.load_full() else {
+            return Verdict::deny("policy:not-loaded");
+        };
+        let protocol = if conn.sni.is_some() {
+            Protocol::Tls
+        } else {
+            Protocol::Tcp
+        };
+        let sni = conn.sni.map(policy::normalize_name);
+        let mut req = Request::new(Direction::Egress, protocol);
+        req.source_ip = Some(conn.src.ip());
+        req.destination_ip = conn.dst_ip;
+        req.destination_port = Some(conn.dst_port);
+        req.destination_spiffe_id = conn.destination_id;
+        req.sni = sni.as_deref();
+        let decision = active.policy.load().decide(&req);
         policy::log_decision(&req, &decision);
         Verdict {
             allow: decision.allow,
