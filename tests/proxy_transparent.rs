@@ -220,3 +220,161 @@ fn transparent_mode_with_iptables_redirect_ipv4_and_ipv6() {
     );
     backend.wait_log(&["outcome=\"refused\"", "plaintext on a strict"]);
 }
+
+/// Passthrough egress in transparent mode: a non-mesh destination is spliced through unchanged
+/// when the egress policy allows the TLS SNI the app sent, and reset otherwise.
+#[test]
+fn transparent_egress_passthrough_decided_on_sni() {
+    if !is_root() {
+        return skip("transparent mode test needs root (network namespaces, iptables)");
+    }
+    for tool in ["ip", "iptables", "curl", "setpriv", "openssl"] {
+        if which(tool).is_none() {
+            return skip(&format!("{tool} is not installed"));
+        }
+    }
+    let pair = PodPair::new("eg");
+    let (client_ns, external_ns) = (pair.peer.clone(), pair.pod.clone());
+    let mesh = Mesh::start("proxy-egress-sni", &[]);
+    let (cert, key) = common::proxy::foreign_svid(mesh.dir.path(), "external.example");
+    let _server = Guard(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &external_ns,
+                "openssl",
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                "8443",
+            ])
+            .args([
+                "-cert",
+                cert.to_str().unwrap(),
+                "-key",
+                key.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &client_ns,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "8443",
+        "-m",
+        "owner",
+        "--uid-owner",
+        "65534",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+    let cfg = mesh.dir.path().join("egress-transparent.yaml");
+    std::fs::write(&cfg, "transparent:\n  enabled: true\n  inbound_addr: \"0.0.0.0:15006\"\n  outbound_addr: \"0.0.0.0:15001\"\n").unwrap();
+    let policy = mesh.dir.path().join("egress-policy.yaml");
+    std::fs::write(&policy, "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: saas\n  direction: egress\n  action: allow\n  rules: [{ to: [{ hosts: [\"allowed.example\"], ports: [8443] }] }]\n").unwrap();
+    let frontend = Sidecar::start_in(
+        Some(&client_ns),
+        "frontend",
+        &mesh.frontend_bin,
+        &mesh.agent.socket,
+        mesh.dir.path(),
+        &[
+            "--config".into(),
+            cfg.display().to_string(),
+            "--policy".into(),
+            policy.display().to_string(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pair
+        .exec(
+            &client_ns,
+            &[
+                "curl",
+                "-sk",
+                "--max-time",
+                "2",
+                &format!("https://{}:8443/", pair.pod_ip),
+            ],
+        )
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "openssl s_server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = |host: &str| {
+        (
+            format!("{host}:8443:{}", pair.pod_ip),
+            format!("https://{host}:8443/"),
+        )
+    };
+    let (resolve, u) = url("allowed.example");
+    let out = pair.exec(
+        &client_ns,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sk",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            &u,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "allowed SNI failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        frontend.log_text()
+    );
+    frontend.wait_log(&[
+        "direction=\"egress\"",
+        "rule=\"saas/rules[0]\"",
+        "outcome=\"allowed\"",
+    ]);
+    let (resolve, u) = url("blocked.example");
+    let out = pair.exec(
+        &client_ns,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sk",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            &u,
+        ],
+    );
+    assert!(!out.status.success(), "blocked SNI went through");
+    frontend.wait_log(&[
+        "outcome=\"denied\"",
+        "SNI blocked.example",
+        "default:deny(implicit)",
+    ]);
+}
