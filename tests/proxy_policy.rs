@@ -118,6 +118,12 @@ fn http_port_decides_per_request_with_403() {
         "status=200",
     ]);
     assert!(backend.metric_sum(&["svidcar_proxy_decisions_total", "deny"]) >= 2.0);
+    let (status, policy) = http_get(backend.admin, "/policy").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        policy.contains("public-get") && policy.contains("policy.yaml"),
+        "{policy}"
+    );
 }
 
 /// Mesh egress: the policy sees the expected SPIFFE ID of a route before it is dialed; a route

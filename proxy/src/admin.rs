@@ -1,6 +1,7 @@
 //! The admin listener (default `127.0.0.1:15000`), on its own thread and runtime so a scrape
 //! never competes with traffic: `/ready` (503 until an SVID is held), `/live`, `/metrics`
-//! (Prometheus text), `/config` (SVID serial and validity, bundles, listeners — never keys).
+//! (Prometheus text), `/config` (SVID serial and validity, bundles, listeners — never keys),
+//! `/policy` (the effective authorization policy).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -105,10 +106,15 @@ impl AdminState {
                 let body = serde_json::to_string_pretty(&self.config_json()).unwrap_or_default();
                 (StatusCode::OK, "application/json", body + "\n")
             }
+            "/policy" => {
+                let body =
+                    serde_json::to_string_pretty(&self.authz.policy_json()).unwrap_or_default();
+                (StatusCode::OK, "application/json", body + "\n")
+            }
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /ready /live /metrics /config\n".to_string(),
+                "not found: try /ready /live /metrics /config /policy\n".to_string(),
             ),
         };
         let mut resp = Response::new(Full::new(Bytes::from(body)));

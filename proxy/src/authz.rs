@@ -93,6 +93,10 @@ pub trait Authorizer: Send + Sync + 'static {
         let _ = conn;
         Verdict::allow("default:egress-allow")
     }
+    /// The effective policy for the admin `/policy` endpoint.
+    fn policy_json(&self) -> serde_json::Value {
+        serde_json::json!({ "builtin": true, "description": self.describe() })
+    }
     /// False until the policy is loaded (gates `/ready`).
     fn ready(&self) -> bool {
         true

@@ -153,6 +153,16 @@ impl Authorizer for PolicyAuthorizer {
         }
     }
 
+    fn policy_json(&self) -> serde_json::Value {
+        match self.active.load_full() {
+            Some(a) => serde_json::json!({
+                "path": self.path.display().to_string(),
+                "effective": a.policy.load().describe(),
+            }),
+            None => serde_json::json!({ "path": self.path.display().to_string(), "loaded": false }),
+        }
+    }
+
     fn ready(&self) -> bool {
         self.active.load().is_some()
     }
