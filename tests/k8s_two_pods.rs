@@ -376,7 +376,48 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
         "{line}"
     );
 
-    // 4. Cleanup leaves nothing behind in either pod.
+    // 4. Loop guard: a peer dialing pod B's outbound port lands on B's inbound listener, and
+    // the app of pod A dialing a proxy port lands on A's outbound listener: both refused.
+    // (As the proxy UID of pod A, so pod A does not capture it and it reaches pod B as is.)
+    let direct = pair.exec(
+        &a,
+        &[
+            "setpriv",
+            "--reuid",
+            "1337",
+            "--regid",
+            "1337",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            &format!("http://{b_ip}:15001/"),
+        ],
+    );
+    assert!(!direct.status.success(), "{direct:?}");
+    let (rc, _, out) = curl(&pair, &a, &[&format!("http://{b_ip}:15006/")]);
+    assert_ne!(rc, 0, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && !(side_a.log_text().contains("redirect loop")
+            && side_b.log_text().contains("redirect loop"))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        side_a.log_text().contains(&format!("{b_ip}:15006"))
+            && side_a.log_text().contains("redirect loop"),
+        "{}",
+        logs()
+    );
+    assert!(
+        side_b.log_text().contains(":15001") && side_b.log_text().contains("redirect loop"),
+        "{}",
+        logs()
+    );
+
+    // 5. Cleanup leaves nothing behind in either pod.
     drop(side_a);
     drop(side_b);
     pair.exec_ok(&a, &[BIN, "init", "--backend", "iptables", "--cleanup"]);
