@@ -213,7 +213,10 @@ impl SpiffeId {
     /// Path segments (none for a trust-domain ID).
     pub fn segments(&self) -> impl Iterator<Item = &str> {
         let p = self.path();
-        p.get(1..).unwrap_or("").split('/').filter(|s| !s.is_empty())
+        p.get(1..)
+            .unwrap_or("")
+            .split('/')
+            .filter(|s| !s.is_empty())
     }
 
     /// Kubernetes convention `/ns/<ns>/sa/<sa>[/...]`: returns `(namespace, service_account)`.
@@ -289,7 +292,10 @@ mod tests {
             ("http://example.org/a", WrongScheme("http".into())),
             ("spiffe://", MissingTrustDomain),
             ("spiffe:///a", MissingTrustDomain),
-            ("spiffe://Example.org/a", BadTrustDomainChar("Example.org".into())),
+            (
+                "spiffe://Example.org/a",
+                BadTrustDomainChar("Example.org".into()),
+            ),
             ("spiffe://example.org:80/a", ForbiddenComponent),
             ("spiffe://u@example.org/a", ForbiddenComponent),
             ("spiffe://example.org/a?x=1", ForbiddenComponent),
@@ -320,9 +326,14 @@ mod tests {
 
     #[test]
     fn trust_domain_forms() {
-        assert_eq!(TrustDomain::parse("example.org").unwrap().name(), "example.org");
         assert_eq!(
-            TrustDomain::parse("spiffe://example.org").unwrap().id_string(),
+            TrustDomain::parse("example.org").unwrap().name(),
+            "example.org"
+        );
+        assert_eq!(
+            TrustDomain::parse("spiffe://example.org")
+                .unwrap()
+                .id_string(),
             "spiffe://example.org"
         );
         assert!(TrustDomain::parse("spiffe://example.org/a").is_err());
