@@ -215,6 +215,10 @@ async fn one_request(
     }
 }
 
+/// Longest time an HTTP/1 peer may take to send one request's headers (hyper starts the clock
+/// when it waits for a request, so an idle keep-alive connection is also closed after it).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves HTTP/1.1 or HTTP/2 on `stream` until the peer closes, authorizing each request.
 pub async fn serve<S>(
     stream: S,
@@ -238,7 +242,14 @@ where
             Ok::<_, Infallible>(one_request(req, &facts, authz.as_ref(), &metrics, &clients).await)
         }
     });
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Slowloris guard: a request's headers must arrive within this time, else the connection
+    // is closed (without a timer hyper waits forever). Found by tests/hostile_http.rs.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
         .serve_connection(TokioIo::new(stream), svc)
         .await
         .map_err(|e| e.to_string())

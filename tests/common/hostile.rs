@@ -129,13 +129,13 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// Connects to `port` with mTLS presenting `chain`/`key` (ALPN `svidcar/1`), sends an HTTP GET
-/// and returns the response text, or the error that ended the exchange.
-pub fn mtls_get(
+/// An mTLS client stream (blocking) to `port` presenting `chain`/`key` (ALPN `svidcar/1`); the
+/// handshake happens on first use.
+pub fn mtls_connect(
     port: u16,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-) -> Result<String, String> {
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -149,7 +149,17 @@ pub fn mtls_get(
     let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
     let sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    Ok(rustls::StreamOwned::new(conn, sock))
+}
+
+/// Connects to `port` with mTLS presenting `chain`/`key` (ALPN `svidcar/1`), sends an HTTP GET
+/// and returns the response text, or the error that ended the exchange.
+pub fn mtls_get(
+    port: u16,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<String, String> {
+    let mut tls = mtls_connect(port, chain, key)?;
     tls.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("write: {e}"))?;
     let mut out = Vec::new();
