@@ -115,3 +115,28 @@ policies:
         assert!(out.contains(want), "{want} not in {out}");
     }
 }
+
+#[test]
+fn missing_path_is_a_load_error_naming_the_path() {
+    let path = std::env::temp_dir().join(format!("svidcar-no-such-policy-{}", std::process::id()));
+    let err = PolicySet::load(&path).unwrap_err();
+    assert_eq!(err.issues.len(), 1);
+    assert_eq!(err.issues[0].file, path);
+    assert!(err.to_string().contains("cannot read"), "{err}");
+}
+
+#[test]
+fn empty_directory_is_an_empty_set_with_implicit_allow() {
+    let dir = std::env::temp_dir().join(format!("svidcar-empty-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("README.txt"), "not a policy").unwrap();
+    let set = PolicySet::load(&dir).unwrap();
+    assert!(set.policies().is_empty());
+    let p = set.compile(&SpiffeId::parse("spiffe://td/app").unwrap());
+    let d = p.decide(&Request::new(Direction::Inbound, Protocol::Tcp));
+    assert!(d.allow);
+    assert_eq!(d.reason.to_string(), "default:allow(implicit)");
+    assert_eq!(set.lint(&[]).first().map(|w| w.code), Some("L008"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
