@@ -161,7 +161,9 @@ fn expired_svid_without_agent_fails_closed() {
     mesh.agent.kill();
     // The last SVID was issued at most 1.5 s ago with a 3 s lifetime.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while http_get(frontend.admin, "/ready").map(|r| r.0).ok() == Some(200) && Instant::now() < deadline {
+    while http_get(frontend.admin, "/ready").map(|r| r.0).ok() == Some(200)
+        && Instant::now() < deadline
+    {
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(http_get(frontend.admin, "/ready").unwrap().0, 503);
