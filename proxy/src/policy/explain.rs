@@ -30,12 +30,22 @@ pub struct Explanation {
 }
 
 fn describe(m: Miss, entries: usize) -> String {
+    // A miss on a `notX` field means the attribute matched an excluded value.
+    let what = |field: &str| {
+        if field == "notValues" || field.starts_with("not") && field.len() > 3 {
+            format!("{field}: an excluded value matched")
+        } else if field == "authenticated" {
+            "authenticated: did not match".to_string()
+        } else {
+            format!("{field}: did not match (or the attribute is absent)")
+        }
+    };
     match m.section {
         "http" => "HTTP-only field on non-HTTP traffic: an allow rule cannot match".into(),
-        "when" => format!("when[{}]: {} did not match", m.index, m.field),
+        "when" => format!("when[{}] {}", m.index, what(m.field)),
         s if m.field.is_empty() => format!("{s}: no entry"),
-        s if entries > 1 => format!("{s}: no entry matched ({s}[0].{} did not match)", m.field),
-        s => format!("{s}[0].{}: did not match", m.field),
+        s if entries > 1 => format!("{s}: no entry matched (first: {s}[0].{})", what(m.field)),
+        s => format!("{s}[0].{}", what(m.field)),
     }
 }
 
