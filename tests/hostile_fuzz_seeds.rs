@@ -398,7 +398,8 @@ fn fuzz_fixtures_and_seeds_are_meaningful() {
     assert_eq!(cfg.inbound.len(), 1);
 
     // The ClientHello seeds are accepted by a rustls server as ClientHellos with our SNI.
-    for (name, data) in corpus("tls_client_hello") {
+    let hellos = [corpus("tls_client_hello"), corpus("sni_peek")].concat();
+    for (name, data) in hellos {
         let mut acceptor = rustls::server::Acceptor::default();
         acceptor.read_tls(&mut data.as_slice()).unwrap();
         let accepted = acceptor
@@ -409,6 +410,11 @@ fn fuzz_fixtures_and_seeds_are_meaningful() {
             accepted.client_hello().server_name(),
             Some("backend.fuzz.test"),
             "{name}"
+        );
+        assert_eq!(
+            svidcar_proxy::detect::client_hello_sni(&data[5..]).as_deref(),
+            Some("backend.fuzz.test"),
+            "{name}: the proxy's SNI peek"
         );
     }
 }
