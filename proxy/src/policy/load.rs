@@ -12,6 +12,9 @@ use super::model::{
     Action, Defaults, Direction, OnPolicyChange, PathNormalization, Policy, PolicyDoc, API_VERSION,
 };
 
+/// Errors collected before loading gives up (a malformed file can yield endless errors).
+const MAX_ISSUES: usize = 100;
+
 /// One problem found while loading, with its location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadIssue {
@@ -161,7 +164,7 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
                     // After a YAML syntax error serde_yaml_ng yields the same error forever
                     // (found by fuzz/policy_yaml: unbounded memory): stop at the repeat.
                     let text = e.to_string();
-                    if text == last_error {
+                    if text == last_error || issues.len() >= MAX_ISSUES {
                         break;
                     }
                     let (field, message) = split_serde_error(&text);
@@ -456,8 +459,7 @@ mod tests {
     fn a_yaml_syntax_error_is_reported_once_and_loading_ends() {
         let text = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: a\n  rules: [{from: [x]}]}]\n";
         let err = load_texts(&[(PathBuf::from("bad.yaml"), text.to_string())])
-            .err()
-            .expect("a syntax error is an error");
+            .expect_err("a syntax error is an error");
         let syntax = err
             .issues
             .iter()
