@@ -24,6 +24,7 @@ fn demo_shows_identities_an_allowed_and_refused_calls() {
         "HTTP 200 \"hello from the backend app\"",
         "sidecar reason: no_client_certificate",
         "sidecar reason: plaintext on a strict",
+        "sidecar reason: denied by default:deny(implicit)",
         "demo OK",
     ] {
         assert!(
@@ -31,5 +32,5 @@ fn demo_shows_identities_an_allowed_and_refused_calls() {
             "demo output lacks {needle:?}:\n{stdout}"
         );
     }
-    assert_eq!(stdout.matches("REFUSED").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("REFUSED").count(), 3, "{stdout}");
 }

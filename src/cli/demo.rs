@@ -271,6 +271,7 @@ impl DemoCmd {
         let exe = std::env::current_exe()?.canonicalize()?;
         let frontend_bin = link_binary(&exe, dir, "frontend-proxy")?;
         let backend_bin = link_binary(&exe, dir, "backend-proxy")?;
+        let intruder_bin = link_binary(&exe, dir, "intruder-proxy")?;
         let sock = dir.join("agent.sock");
         let mut procs = Procs {
             children: Vec::new(),
@@ -292,6 +293,11 @@ impl DemoCmd {
             format!("{frontend_id}=unix:path:{}", frontend_bin.display()),
             "--entry".into(),
             format!("{backend_id}=unix:path:{}", backend_bin.display()),
+            "--entry".into(),
+            format!(
+                "spiffe://{TD}/intruder=unix:path:{}",
+                intruder_bin.display()
+            ),
             "--entry".into(),
             format!("spiffe://{TD}/demo-cli=unix:path:{}", exe.display()),
         ];
@@ -322,6 +328,15 @@ impl DemoCmd {
             ([127, 0, 0, 1], free_port()?).into(),
         );
         let backend_log = dir.join("backend-proxy.log");
+        let policy = dir.join("backend-policy.yaml");
+        std::fs::write(
+            &policy,
+            format!(
+                "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n\
+                 - name: frontend-only\n  direction: inbound\n  action: allow\n  \
+                 rules: [{{ from: [{{ spiffeIds: [\"{frontend_id}\"] }}] }}]\n"
+            ),
+        )?;
         let args: Vec<String> = vec![
             "proxy".into(),
             "--agent-socket".into(),
@@ -330,6 +345,8 @@ impl DemoCmd {
             backend_admin.to_string(),
             "--inbound".into(),
             format!("127.0.0.1:{inbound_port}={app_port}:strict"),
+            "--policy".into(),
+            policy.display().to_string(),
         ];
         spawn(
             &mut procs,
@@ -450,17 +467,60 @@ impl DemoCmd {
                 step(7, format!("REFUSED  plaintext HTTP -> backend sidecar strict port ({why}); sidecar reason: {}", last_reason(&backend_log)));
             }
         }
+        // A valid mesh identity of our own trust domain that the backend's policy does not allow.
+        let (intruder_port, intruder_admin) = (
+            free_port()?,
+            SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        );
+        let args: Vec<String> = vec![
+            "proxy".into(),
+            "--agent-socket".into(),
+            sock.display().to_string(),
+            "--admin-addr".into(),
+            intruder_admin.to_string(),
+            "--outbound".into(),
+            format!("127.0.0.1:{intruder_port}=127.0.0.1:{inbound_port},{backend_id}"),
+        ];
+        spawn(
+            &mut procs,
+            "intruder-proxy",
+            &intruder_bin,
+            &args,
+            &dir.join("intruder-proxy.log"),
+        )?;
+        wait_ready("intruder-proxy", intruder_admin, &mut procs)?;
+        match rt.block_on(http_get(([127, 0, 0, 1], intruder_port).into())) {
+            Ok(resp) if !resp.is_empty() => {
+                ok = false;
+                step(
+                    8,
+                    format!(
+                        "UNEXPECTED: spiffe://{TD}/intruder got {:?}",
+                        resp.lines().next()
+                    ),
+                );
+            }
+            r => {
+                std::thread::sleep(Duration::from_millis(200));
+                let why = r
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "closed".into());
+                step(8, format!("REFUSED  spiffe://{TD}/intruder (valid mTLS, not allowed by policy frontend-only) -> backend sidecar ({why}); sidecar reason: {}", last_reason(&backend_log)));
+            }
+        }
         step(
-            8,
+            9,
             format!(
-                "backend metrics: {}",
-                metric(backend_admin, "handshake_failures")
+                "backend metrics: {}; {}",
+                metric(backend_admin, "handshake_failures"),
+                metric(backend_admin, "decisions")
             ),
         );
 
         procs.stop_all();
         rt.shutdown_timeout(Duration::from_secs(1));
-        step(9, "stopped the sidecars and the agent (SIGTERM, drained)");
+        step(10, "stopped the sidecars and the agent (SIGTERM, drained)");
         println!("{}", if ok { "demo OK" } else { "demo FAILED" });
         Ok(ok)
     }
