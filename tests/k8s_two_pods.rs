@@ -183,6 +183,7 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
     // Pod A = pair.pod (client, curl), pod B = pair.peer (server, nginx).
     let (a, b) = (pair.pod.clone(), pair.peer.clone());
     let b_ip = pair.peer_ip.clone();
+    let b_ip6 = pair.peer_ip6.clone();
     let b_other = pair.peer_ip_excluded.clone();
 
     // The app of pod B: an unmodified nginx on :80.
@@ -241,7 +242,7 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
     std::fs::write(
         &cfg_a,
         format!(
-            "agent_socket: {sock}\nadmin_addr: 127.0.0.1:15000\npolicy: {pol}\ntransparent:\n  enabled: true\n  destinations:\n  - dst: {b_ip}\n    port: 80\n    expect: {SERVER_ID}\n"
+            "agent_socket: {sock}\nadmin_addr: 127.0.0.1:15000\npolicy: {pol}\ntransparent:\n  enabled: true\n  destinations:\n  - dst: {b_ip}\n    port: 80\n    expect: {SERVER_ID}\n  - dst: \"[{b_ip6}]:80\"\n    expect: {SERVER_ID}\n"
         ),
     )
     .unwrap();
@@ -305,6 +306,9 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
         logs()
     );
     assert!(body.contains("hello from pod b"), "{body}");
+    // The same over IPv6 (init's ip6tables rules, the proxies' IPv6 listeners).
+    let (rc, code, body) = curl(&pair, &a, &["-6", &format!("http://[{b_ip6}]/")]);
+    assert_eq!((rc, code), (0, 200), "IPv6: {body}\n{}", logs());
     // 2. Denied path: 403 from proxy B's per-request policy; nginx never sees it.
     let (_, code, body) = curl(&pair, &a, &[&format!("http://{b_ip}/secret")]);
     assert_eq!(code, 403, "{body}\n{}", logs());
@@ -348,8 +352,13 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
         .lines()
         .filter(|l| l.starts_with("127.0.0.6 "))
         .collect();
-    assert_eq!(forwarded.len(), 1, "nginx access log:\n{access}");
-    assert!(forwarded[0].contains("\"GET / HTTP/1.1\" 200"), "{access}");
+    assert_eq!(forwarded.len(), 2, "nginx access log:\n{access}");
+    assert!(
+        forwarded
+            .iter()
+            .all(|l| l.contains("\"GET / HTTP/1.1\" 200")),
+        "{access}"
+    );
     assert!(!access.contains("/secret"), "{access}");
     assert!(side_b.log_text().contains(CLIENT_ID), "{}", logs());
 

@@ -62,6 +62,39 @@ async fn bind(addr: SocketAddr, what: String) -> Result<TcpListener, StartError>
         .map_err(|source| StartError::Bind { addr, what, source })
 }
 
+/// The IPv6 twin of a transparent listener, because `svidcar init`'s IPv6 rules redirect there:
+/// `0.0.0.0:P` → `[::]:P`, `127.0.0.1:P` → `[::1]:P`, bound IPv6-only (IPv4 peers keep plain
+/// IPv4 addresses on the IPv4 socket). `None` for other addresses, port 0, or without IPv6.
+fn ipv6_companion(addr: SocketAddr) -> Option<TcpListener> {
+    use std::net::{IpAddr, Ipv6Addr};
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => Ipv6Addr::UNSPECIFIED,
+        IpAddr::V4(v4) if v4.is_loopback() => Ipv6Addr::LOCALHOST,
+        _ => return None,
+    };
+    if addr.port() == 0 {
+        return None;
+    }
+    let v6 = SocketAddr::from((ip, addr.port()));
+    let bound = (|| {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_only_v6(true)?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&v6.into())?;
+        s.listen(1024)?;
+        TcpListener::from_std(s.into())
+    })();
+    match bound {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::info!(addr = %v6, error = %e, "no IPv6 twin of the transparent listener (IPv4 only)");
+            None
+        }
+    }
+}
+
 impl Proxy {
     /// Validates `config`, binds every listener and the admin endpoint.
     pub async fn bind(
@@ -108,14 +141,22 @@ impl Proxy {
                 default_mode: t.default_mode,
                 protocols: t.protocols.clone(),
             };
-            listeners.push(Listener::Inbound(l, Arc::new(target)));
+            let target = Arc::new(target);
+            if let Some(l6) = ipv6_companion(t.inbound_addr) {
+                listeners.push(Listener::Inbound(l6, target.clone()));
+            }
+            listeners.push(Listener::Inbound(l, target));
             let l = bind(t.outbound_addr, "transparent outbound".into()).await?;
             described.push(serde_json::json!({"kind": "transparent-outbound", "listen": t.outbound_addr, "destinations": t.destinations.len()}));
             let target = OutboundTarget::Transparent {
                 destinations,
                 listen: t.outbound_addr,
             };
-            listeners.push(Listener::Outbound(l, Arc::new(target)));
+            let target = Arc::new(target);
+            if let Some(l6) = ipv6_companion(t.outbound_addr) {
+                listeners.push(Listener::Outbound(l6, target.clone()));
+            }
+            listeners.push(Listener::Outbound(l, target));
         }
         expected.sort();
         expected.dedup();
