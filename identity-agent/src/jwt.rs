@@ -68,10 +68,11 @@ pub struct ValidatedJwt {
 }
 
 impl ValidatedJwt {
-    /// The `exp` claim as a time.
+    /// The `exp` claim as a time (`None` when absent, negative or beyond what `SystemTime` holds).
     pub fn expiry(&self) -> Option<SystemTime> {
         let exp = self.claims.get("exp").and_then(Value::as_f64)?;
-        (exp >= 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(exp))
+        let since_epoch = Duration::try_from_secs_f64(exp).ok()?; // None if negative or huge
+        UNIX_EPOCH.checked_add(since_epoch)
     }
 }
 

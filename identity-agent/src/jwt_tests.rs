@@ -304,3 +304,17 @@ fn rs256_and_ps256_verify_with_rsa_jwk() {
         check(&token, &set).unwrap_or_else(|e| panic!("{alg}: {e}"));
     }
 }
+
+/// Regression (fuzz/jwt_validate invariant): a validly signed token with an `exp` beyond what
+/// `SystemTime` can hold made `ValidatedJwt::expiry` panic.
+#[test]
+fn huge_exp_does_not_panic_in_expiry() {
+    let (signer, bundles) = setup();
+    for exp in [json!(1e300), json!(20_000_000_000_000_000_000u128 as f64)] {
+        let mut c = claims();
+        c["exp"] = exp;
+        let token = signer.sign_parts(&header(), &c).expect("sign");
+        let v = check(&token, &bundles).expect("far-future exp is valid");
+        assert_eq!(v.expiry(), None, "unrepresentable expiry");
+    }
+}
