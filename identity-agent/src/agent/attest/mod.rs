@@ -5,6 +5,7 @@
 pub mod caller;
 pub mod k8s;
 pub mod k8s_cgroup;
+pub mod k8s_pods;
 mod k8s_tls;
 pub mod unix;
 
