@@ -35,6 +35,9 @@ fn policy_denies_with_rule_then_hot_reload_allows() {
     let addr = ([127, 0, 0, 1], out_port).into();
 
     let r = http_get(addr, "/");
+    // The backend's reset travels back through the frontend to the app as a reset.
+    let kind = r.as_ref().err().map(|e| e.kind());
+    assert_eq!(kind, Some(std::io::ErrorKind::ConnectionReset), "{r:?}");
     assert!(
         !matches!(r, Ok((200, _))),
         "frontend is not allowed by the policy, got {r:?}"

@@ -48,6 +48,13 @@ pub struct CopyStats {
     pub end: CopyEnd,
 }
 
+impl CopyStats {
+    /// True when the copy ended on an error (the caller then resets both sockets).
+    pub fn failed(&self) -> bool {
+        matches!(self.end, CopyEnd::Error(_))
+    }
+}
+
 /// Shared between the two directions and the idle watchdog (same task, atomics for `Send`).
 struct Progress {
     start: Instant,
@@ -176,7 +183,8 @@ where
     CopyEnd::Closed
 }
 
-/// Copies `a` ⇄ `b` until both sides closed, an error, or `idle` without traffic.
+/// Copies `a` ⇄ `b` until both sides closed, an error, or `idle` without traffic. Pass
+/// `&mut stream` to keep the streams (e.g. to reset them when [`CopyStats::failed`]).
 pub async fn copy_bidirectional<A, B>(a: A, b: B, idle: Duration) -> CopyStats
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -240,7 +248,12 @@ pub async fn splice_bidirectional(a: TcpStream, b: TcpStream, idle: Duration) ->
     let up = splice_one(&a, &b, &progress.a_to_b, &progress);
     let down = splice_one(&b, &a, &progress.b_to_a, &progress);
     let end = drive(up, down, &progress, idle).await;
-    progress.stats(end)
+    let stats = progress.stats(end);
+    if stats.failed() {
+        let _ = a.set_zero_linger();
+        let _ = b.set_zero_linger();
+    }
+    stats
 }
 
 #[cfg(test)]

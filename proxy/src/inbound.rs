@@ -257,8 +257,15 @@ pub async fn handle(
                 return reset(tls.into_inner().0);
             };
             let _ = app.set_nodelay(true);
-            let stats = copy::copy_bidirectional(tls, app, ctx.limits.idle_timeout.0).await;
+            let (mut tls, mut app) = (tls, app);
+            let stats =
+                copy::copy_bidirectional(&mut tls, &mut app, ctx.limits.idle_timeout.0).await;
             access.finished(&ctx.metrics, &stats);
+            if stats.failed() {
+                // One side broke: tell the other with a reset, not a clean end of stream.
+                reset(tls.into_inner().0);
+                reset(app);
+            }
         }
     }
 }

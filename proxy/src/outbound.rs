@@ -245,8 +245,14 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
             }
         };
     access.peer_id = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
-    let stats = copy::copy_bidirectional(app, tls, ctx.limits.idle_timeout.0).await;
+    let (mut app, mut tls) = (app, tls);
+    let stats = copy::copy_bidirectional(&mut app, &mut tls, ctx.limits.idle_timeout.0).await;
     access.finished(&ctx.metrics, &stats);
+    if stats.failed() {
+        // One side broke (e.g. the peer reset): tell the app with a reset, not a clean EOF.
+        reset(app);
+        reset(tls.into_inner().0);
+    }
 }
 
 /// Non-mesh destination in transparent mode: egress passthrough (allowed and logged).
