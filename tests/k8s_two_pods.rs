@@ -75,6 +75,9 @@ impl Proc {
 
     /// SIGTERM and wait up to 5 s.
     fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

@@ -329,6 +329,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn yaml_section_enables_and_resolves() {
+        use crate::agent::config::{AgentConfig, AgentFile};
+        let f: AgentFile = serde_yaml_ng::from_str(
+            "k8s:\n  kubelet_url: https://10.0.0.5:10250\n  kubelet_insecure_skip_verify: true\n  auto_identity: true\n  cache_ttl: 2s\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::from_file(f).unwrap();
+        let k = cfg.k8s.as_ref().unwrap().config().clone();
+        assert_eq!((k.host.as_str(), k.port), ("10.0.0.5", 10250));
+        assert_eq!(k.verify, KubeletVerify::Insecure);
+        assert_eq!(k.cache_ttl, Duration::from_secs(2));
+        assert_eq!(k.auto_identity.unwrap().name(), "svidcar.local");
+        let off: AgentFile = serde_yaml_ng::from_str("k8s:\n  enabled: false\n").unwrap();
+        assert!(AgentConfig::from_file(off).unwrap().k8s.is_none());
+        assert!(serde_yaml_ng::from_str::<AgentFile>("k8s:\n  kubelet: x\n").is_err());
+    }
+
+    #[test]
     fn url_and_verify_resolution() {
         let td = TrustDomain::parse("example.org").unwrap();
         let c = K8sFile {
