@@ -276,6 +276,11 @@ fn two_thousand_simultaneous_connections_hit_the_limit_and_admin_still_answers()
         want
     );
     backend.wait_log(&["outcome=\"refused\"", "connection limit reached"]);
+    assert_eq!(
+        backend.metric_sum(&["svidcar_proxy_open_connections "]),
+        LIMIT as f64,
+        "open connections gauge at the limit"
+    );
 
     // Admin still answers while the data plane is saturated.
     let (status, _) = http_get(backend.admin, "/ready").expect("admin answers under flood");
