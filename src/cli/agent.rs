@@ -122,7 +122,11 @@ impl AgentCmd {
     /// Runs the agent until SIGTERM or SIGINT.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let config = self.merged()?;
-        if config.entries.is_empty() {
+        let auto_k8s = config
+            .k8s
+            .as_ref()
+            .is_some_and(|k| k.config().auto_identity.is_some());
+        if config.entries.is_empty() && !auto_k8s {
             tracing::warn!("no registration entries: every caller will get PERMISSION_DENIED");
         }
         tracing::info!(trust_domain = %config.trust_domain, svid_ttl = %format_duration(config.svid_ttl),
