@@ -43,6 +43,10 @@
 //! * with IPv6 rules, also listen on `[::1]:15001` (or `[::]` dual-stack) and `[::]:15006`;
 //! * refuse a connection whose original destination port is one of its own ports (a peer
 //!   dialing `pod:15006` directly, or `pod:15001` redirected to inbound): that is a loop.
+//!
+//! The proxy honours all of these (`inbound.rs` connects to the app from `127.0.0.6`,
+//! `server.rs` adds the IPv6 twins of the transparent listeners, both directions refuse
+//! [`is_proxy_port`] destinations); `tests/k8s_two_pods.rs` checks them end to end.
 #![forbid(unsafe_code)]
 
 mod apply;
