@@ -108,11 +108,15 @@ fn garbage_partial_dripped_and_silent_handshakes_are_closed_with_a_reason() {
         took < Duration::from_millis(1500),
         "garbage took {took:?} to be refused"
     );
-    let line = backend.wait_log(&["outcome=\"handshake_failed\"", "src=127.0.0.1"]);
+    let line = backend.wait_log(&[
+        "outcome=\"handshake_failed\"",
+        "reason=\"tls_error: received corrupt message",
+    ]);
     assert!(
         !line.contains("timeout"),
         "garbage must fail as TLS, not time out: {line}"
     );
+    assert_eq!(failures(&backend, "tls_error"), 1.0);
 
     // 2. Random bytes that are not TLS at all on a strict port: reset, logged as plaintext.
     let mut s = connect();
