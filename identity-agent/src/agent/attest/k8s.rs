@@ -147,7 +147,9 @@ pub use super::k8s_pods::{parse_pod_list, PodInfo};
 
 // --- the attestor ------------------------------------------------------------------------
 
-struct Cache {
+/// The last pod list and when it was fetched.
+#[derive(Clone)]
+struct Snapshot {
     pods: Arc<HashMap<String, PodInfo>>,
     fetched: Option<Instant>,
 }
@@ -156,7 +158,10 @@ struct Cache {
 pub struct K8sAttestor {
     config: K8sConfig,
     tls: Arc<rustls::ClientConfig>,
-    cache: tokio::sync::Mutex<Cache>,
+    /// Read without waiting: a hit never waits for a refresh in progress.
+    cache: std::sync::RwLock<Snapshot>,
+    /// One refresh at a time; callers that waited for it reuse its result.
+    refresh: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for K8sAttestor {
@@ -178,10 +183,11 @@ impl K8sAttestor {
         Ok(Self {
             config,
             tls: Arc::new(tls),
-            cache: tokio::sync::Mutex::new(Cache {
+            cache: std::sync::RwLock::new(Snapshot {
                 pods: Arc::new(HashMap::new()),
                 fetched: None,
             }),
+            refresh: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -223,7 +229,14 @@ impl K8sAttestor {
                     .is_none_or(|c| p.containers.contains_key(c))
             })
         }
-        let mut cache = self.cache.lock().await;
+        let snapshot = || {
+            self.cache
+                .read()
+                .map(|c| c.clone())
+                .unwrap_or_else(|p| p.into_inner().clone())
+        };
+        let asked = Instant::now();
+        let cache = snapshot();
         let fresh = cache
             .fetched
             .is_some_and(|t| t.elapsed() < self.config.cache_ttl);
@@ -232,15 +245,25 @@ impl K8sAttestor {
                 return Ok(p.clone());
             }
         }
-        // Miss or stale: refresh, but never more often than MIN_REFRESH.
-        if let Some(t) = cache.fetched {
-            if t.elapsed() < MIN_REFRESH {
-                tokio::time::sleep(MIN_REFRESH - t.elapsed()).await;
+        // Miss or stale: one refresh at a time, never more often than MIN_REFRESH.
+        let _refreshing = self.refresh.lock().await;
+        let mut cache = snapshot();
+        let refreshed_meanwhile = cache.fetched.is_some_and(|t| t >= asked);
+        if !refreshed_meanwhile {
+            if let Some(t) = cache.fetched {
+                if t.elapsed() < MIN_REFRESH {
+                    tokio::time::sleep(MIN_REFRESH - t.elapsed()).await;
+                }
+            }
+            cache = Snapshot {
+                pods: Arc::new(self.fetch().await?),
+                fetched: Some(Instant::now()),
+            };
+            match self.cache.write() {
+                Ok(mut c) => *c = cache.clone(),
+                Err(p) => *p.into_inner() = cache.clone(),
             }
         }
-        let pods = self.fetch().await?;
-        cache.pods = Arc::new(pods);
-        cache.fetched = Some(Instant::now());
         if let Some(p) = known(&cache.pods, at) {
             return Ok(p.clone());
         }
