@@ -351,3 +351,38 @@ async fn a_kubelet_refusing_the_token_refuses_pods() {
         "the insecure mode is logged loudly"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_one_kubelet_refresh() {
+    let dir = TempDir::new("k8s-burst");
+    let kubelet = start_kubelet(dir.path()).await;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let agent = k8s_agent(dir.path(), &kubelet, &token_file, &["--k8s-auto-identity"]);
+    // This process, recorded in a pod the kubelet does not list: every call is a cache miss.
+    let unknown = "5a5a5a5a-0000-4000-8000-00000000beef";
+    record_cgroup(
+        &dir.path().join("cgroups"),
+        std::process::id(),
+        unknown,
+        CID_APP,
+    );
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let socket = agent.socket.clone();
+            tokio::spawn(async move {
+                let mut c = WorkloadApiClient::connect(&socket).await.unwrap();
+                c.fetch_x509_context().await
+            })
+        })
+        .collect();
+    for call in calls {
+        let err = call.await.unwrap().expect_err("an unknown pod is refused");
+        assert!(format!("{err:?}").contains("PermissionDenied"), "{err:?}");
+    }
+    let hits = kubelet.hits.load(Ordering::SeqCst);
+    assert!(
+        (1..=4).contains(&hits),
+        "8 concurrent misses asked the kubelet {hits} times"
+    );
+}
