@@ -4,16 +4,18 @@
 #
 #   benches/compare/run.sh [--quick] [--reps N] [--scenarios S1,S2,S2b,S3,S4,S6,micro]
 #                          [--systems direct,haproxy,stunnel,nginx,svidcar] [--idle-conns 1000]
-#                          [--no-install] [--no-build] [--keep]
+#                          [--no-install] [--no-build] [--keep] [--perf]
 #
-# --quick: one repetition of everything, no micro-benchmarks (smoke check, ~2 min).
+# --quick: one repetition of everything, no micro-benchmarks (smoke check, ~3 min).
+# --perf: also profile the svidcar pair (perf record -e cpu-clock -g) during its runs and write
+#         benches/compare/last-perf-<scenario>.txt (the profiled runs' figures are perturbed).
 # Full: S1 x5, others x3, then S5/S7/S8 micro-benchmarks (cargo bench), ~15 min on 2 cores.
 # Needs root for apt-get (skipped when every tool is present) and a high fd limit (set here).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/benches/compare
-QUICK=0 REPS="" INSTALL=1 BUILD=1 KEEP=0 IDLE_CONNS=1000
+QUICK=0 REPS="" INSTALL=1 BUILD=1 KEEP=0 IDLE_CONNS=1000 PERF=0
 SCENARIOS="S1,S2,S2b,S3,S4,S6,micro"
 SYSTEMS="direct,haproxy,stunnel,nginx,svidcar"
 while (($#)); do
@@ -26,7 +28,8 @@ while (($#)); do
     --no-install) INSTALL=0 ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
-    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    --perf) PERF=1 ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -118,9 +121,23 @@ record() {
     shift 4
     local pids c0 c1 out rss
     pids=$(pids_of "$sys")
+    local perf_pid=""
+    if ((PERF)) && [[ $sys == svidcar ]] && command -v perf >/dev/null; then
+        perf record -q -e cpu-clock -F 1999 -g -p "$(tr ' ' ',' <<<"$pids" | sed 's/^,//')" \
+            -o "$WORK/perf-$sc-$rep.data" >/dev/null 2>&1 &
+        perf_pid=$!
+        ALL_PIDS+=("$perf_pid")
+        sleep 0.5
+    fi
     c0=$(cpu_ticks $pids)
     out=$("$@" 2>>"$WORK/errors.log") || out="nan 0 failed"
     c1=$(cpu_ticks $pids)
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        perf report -i "$WORK/perf-$sc-$rep.data" --no-children -g none --percent-limit 0.3 --stdio --sort dso,symbol 2>/dev/null |
+            grep -v '^$' | head -120 >"$ROOT/benches/compare/last-perf-$sc.txt" || true
+    fi
     rss=$(rss_kb $pids)
     read -r v w x <<<"$out"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sc" "$sys" "$rep" "$v" \
@@ -271,7 +288,7 @@ if has micro; then
     for b in handshake_s5 policy_s7 agent_s8; do
         if [[ -f $ROOT/benches/$b.rs ]]; then
             echo "== cargo bench --bench $b"
-            { echo "### $b"; (cd "$ROOT" && timeout 900 cargo bench -q --bench "$b" 2>&1) | grep -v '^$' | tail -40; } >>"$MICRO" ||
+            { echo "### $b"; (cd "$ROOT" && timeout 900 cargo bench -q --bench "$b" 2>&1) | grep -v "^$" | grep -v "^Benchmarking\|outliers\|^  [0-9]* (\|^Warning" | tail -40; } >>"$MICRO" ||
                 echo "(failed; see above)" >>"$MICRO"
         fi
     done

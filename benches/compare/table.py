@@ -100,8 +100,13 @@ def main():
                     added, vs_h, cpu, rss = "(baseline)", "—", "—", "—"
                 else:
                     a99 = p99[s] - d99
-                    added = f"+{fmt((p50[s] - d50) / 1000)} / +{fmt(a99 / 1000)} ms"
-                    vs_h = f"{ratio(a99, h99)} (added p99)"
+                    added = f"{(p50[s] - d50) / 1000:+.2f} / {a99 / 1000:+.2f} ms"
+                    # A ratio of added latencies only means something when both are positive
+                    # (on a loaded machine the direct p99 can exceed a proxied one).
+                    a50, h50 = p50[s] - d50, p50.get("haproxy", float("nan")) - d50
+                    r50 = ratio(a50, h50) if a50 > 0 and h50 > 0 else "—"
+                    r99 = ratio(a99, h99) if a99 > 0 and h99 > 0 else "— (noise)"
+                    vs_h = f"added p50 {r50}, p99 {r99}"
                     cpu = f"{fmt(med(sc, s, lambda r: num(r[4]) / num(r[5]) * 1e6 if num(r[5]) > 0 else float('nan')), 1)} µs/req"
                     rss = fmt(med(sc, s, rss_mb), 1)
                 out.append(f"| S3 | {s} | {fig} | {added} | {vs_h} | {cpu} | {rss} | {len(rows[(sc, s)])} |")
