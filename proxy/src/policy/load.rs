@@ -157,7 +157,20 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
         };
         let mut last_error = String::new();
         for (doc_index, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let doc = match Option::<PolicyDoc>::deserialize(de) {
+            // serde_yaml_ng panics on some malformed input (e.g. an undefined alias in a flow
+            // sequence: `ports: [*x]`, found by fuzz/policy_yaml); contain it as a load error.
+            let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Option::<PolicyDoc>::deserialize(de)
+            }));
+            let Ok(parsed) = parsed else {
+                issues.push(issue(
+                    None,
+                    "yaml".into(),
+                    "the YAML parser failed on this document (an undefined alias `*name`?)".into(),
+                ));
+                break;
+            };
+            let doc = match parsed {
                 Ok(Some(doc)) => doc,
                 Ok(None) => continue,
                 Err(e) => {
@@ -452,6 +465,17 @@ impl<'a> Locator<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (fuzz/policy_yaml): serde_yaml_ng panicked on an undefined alias inside a
+    /// flow sequence; the loader reports it instead.
+    #[test]
+    fn an_undefined_alias_is_an_error_not_a_panic() {
+        let text = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: a\n  direction: inbound\n  action: allow\n  rules: [{to: [{ports: [*x]}]}]\n";
+        let err = load_texts(&[(PathBuf::from("alias.yaml"), text.to_string())])
+            .err()
+            .expect("an undefined alias is an error");
+        assert!(err.to_string().contains("undefined alias"), "{err}");
+    }
 
     /// Regression (fuzz/policy_yaml): a YAML syntax error used to make the loader collect the
     /// same error forever until memory ran out.
