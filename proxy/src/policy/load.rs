@@ -472,8 +472,7 @@ mod tests {
     fn an_undefined_alias_is_an_error_not_a_panic() {
         let text = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: a\n  direction: inbound\n  action: allow\n  rules: [{to: [{ports: [*x]}]}]\n";
         let err = load_texts(&[(PathBuf::from("alias.yaml"), text.to_string())])
-            .err()
-            .expect("an undefined alias is an error");
+            .expect_err("an undefined alias is an error");
         assert!(err.to_string().contains("undefined alias"), "{err}");
     }
 
