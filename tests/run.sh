@@ -13,7 +13,7 @@ say() { printf '\n== %s\n' "$*"; }
 # --- system packages -------------------------------------------------------------------------
 need_pkgs=()
 for tool_pkg in iptables:iptables nft:nftables ip:iproute2 nginx:nginx curl:curl openssl:openssl \
-                tcpdump:tcpdump socat:socat setpriv:util-linux python3:python3; do
+                tcpdump:tcpdump socat:socat setpriv:util-linux python3:python3 kill:procps; do
   tool=${tool_pkg%%:*}; pkg=${tool_pkg#*:}
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need_pkgs+=("$pkg")
 done
