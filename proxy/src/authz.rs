@@ -46,6 +46,21 @@ pub struct EgressAttrs<'a> {
     pub sni: Option<&'a str>,
     /// True for mesh destinations (mTLS originated by us).
     pub mesh: bool,
+    /// Explicit-proxy `CONNECT` authority host (port removed), when the app used `CONNECT`.
+    pub connect: Option<&'a str>,
+    /// Plaintext HTTP egress request (per-request decision), if any.
+    pub http: Option<EgressHttp<'a>>,
+}
+
+/// One plaintext HTTP request on an egress connection.
+#[derive(Debug, Clone, Copy)]
+pub struct EgressHttp<'a> {
+    /// `Host` header (or absolute-form authority), as received.
+    pub host: Option<&'a str>,
+    /// Method as sent.
+    pub method: &'a str,
+    /// Path as received (without query); normalized by the authorizer.
+    pub path: &'a str,
 }
 
 /// An authorization decision with the rule (or default) that made it, for logs and metrics.

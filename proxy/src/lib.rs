@@ -23,6 +23,6 @@ pub mod init;
 pub mod inject;
 pub mod policy;
 
-pub use authz::{Authorizer, ConnAttrs, DefaultAuthorizer, EgressAttrs, Verdict};
+pub use authz::{Authorizer, ConnAttrs, DefaultAuthorizer, EgressAttrs, EgressHttp, Verdict};
 pub use config::ProxyConfig;
 pub use server::{shutdown_signal, Proxy};

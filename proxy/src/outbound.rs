@@ -180,6 +180,8 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         destination_id,
         sni: None,
         mesh: true,
+        connect: None,
+        http: None,
     };
     let verdict = ctx.authz.authorize_egress(&attrs);
     ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
@@ -276,6 +278,8 @@ async fn passthrough(ctx: &ProxyContext, app: TcpStream, src: SocketAddr, dst: S
         destination_id: None,
         sni: sni.as_deref(),
         mesh: false,
+        connect: None,
+        http: None,
     };
     let verdict = ctx.authz.authorize_egress(&attrs);
     ctx.metrics.decision("egress", verdict.allow, &verdict.rule);

@@ -133,19 +133,39 @@ impl Authorizer for PolicyAuthorizer {
         let Some(active) = self.active.load_full() else {
             return Verdict::deny("policy:not-loaded");
         };
-        let protocol = if conn.sni.is_some() {
+        let compiled = active.policy.load();
+        let protocol = if conn.http.is_some() {
+            Protocol::Http
+        } else if conn.sni.is_some() {
             Protocol::Tls
+        } else if conn.connect.is_some() {
+            Protocol::Connect
         } else {
             Protocol::Tcp
         };
         let sni = conn.sni.map(policy::normalize_name);
+        let connect = conn.connect.map(policy::normalize_name);
+        let host = conn.http.and_then(|h| h.host).map(policy::normalize_name);
+        let path = match conn.http {
+            Some(h) => {
+                match policy::normalize_path(compiled.settings().path_normalization, h.path) {
+                    Ok(p) => Some(p),
+                    Err(e) => return Verdict::deny(format!("policy:bad-path ({e})")),
+                }
+            }
+            None => None,
+        };
         let mut req = Request::new(Direction::Egress, protocol);
         req.source_ip = Some(conn.src.ip());
         req.destination_ip = conn.dst_ip;
         req.destination_port = Some(conn.dst_port);
         req.destination_spiffe_id = conn.destination_id;
         req.sni = sni.as_deref();
-        let decision = active.policy.load().decide(&req);
+        req.connect_authority = connect.as_deref();
+        req.host = host.as_deref();
+        req.method = conn.http.map(|h| h.method);
+        req.path = path.as_deref();
+        let decision = compiled.decide(&req);
         policy::log_decision(&req, &decision);
         Verdict {
             allow: decision.allow,
