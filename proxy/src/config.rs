@@ -376,6 +376,15 @@ impl Default for TransparentConfig {
     }
 }
 
+/// Explicit egress proxy (apps configured with `HTTP(S)_PROXY` send `CONNECT host:port`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Listen address of the HTTP proxy (loopback, e.g. `127.0.0.1:15080`); none = off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
 /// Resource limits and timeouts.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -418,6 +427,8 @@ pub struct ProxyConfig {
     pub outbound: Vec<OutboundRoute>,
     /// Transparent mode.
     pub transparent: TransparentConfig,
+    /// Explicit egress HTTP proxy (CONNECT).
+    pub egress: EgressConfig,
     /// Limits and timeouts.
     pub limits: Limits,
     /// Authorization policy path (file or directory); none = the built-in default.
@@ -436,6 +447,7 @@ impl Default for ProxyConfig {
             inbound: Vec::new(),
             outbound: Vec::new(),
             transparent: TransparentConfig::default(),
+            egress: EgressConfig::default(),
             limits: Limits::default(),
             policy: None,
         }

@@ -11,6 +11,8 @@ pub mod context;
 pub mod copy;
 pub mod credentials;
 pub mod detect;
+pub mod egress_connect;
+pub mod egress_http;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

@@ -25,6 +25,9 @@ use crate::context::{reset, Access, ProxyContext};
 /// How long passthrough egress waits for a TLS ClientHello to read its SNI (server-first
 /// protocols send nothing and are decided without a name).
 const SNI_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// After the SNI wait, how long to wait for a plaintext HTTP request line (bytes already arrived
+/// unless the protocol is server-first).
+const HTTP_SNIFF_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 use crate::copy;
 
 /// Where an outbound listener sends its connections.
@@ -46,6 +49,8 @@ pub enum OutboundTarget {
         /// Our own listener address (connections to it would loop).
         listen: SocketAddr,
     },
+    /// The explicit egress HTTP proxy (`CONNECT`), see [`crate::egress_connect`].
+    EgressProxy,
 }
 
 impl OutboundTarget {
@@ -83,6 +88,9 @@ pub async fn handle(
     _permit: OwnedSemaphorePermit,
 ) {
     match target.as_ref() {
+        OutboundTarget::EgressProxy => {
+            crate::egress_connect::handle(ctx, app, src, _permit).await;
+        }
         OutboundTarget::Route {
             upstream,
             server_name,
@@ -257,8 +265,9 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
     }
 }
 
-/// Non-mesh destination in transparent mode: egress passthrough (allowed and logged).
-async fn passthrough(ctx: &ProxyContext, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
+/// Non-mesh destination in transparent mode: egress decided on the TLS SNI (then spliced), or per
+/// request for plaintext HTTP/1.x ([`crate::egress_http`]).
+async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let mut access = Access::new("egress", src, dst.to_string());
     let Some(own) = ctx.creds.current() else {
         access.refused(
@@ -270,6 +279,9 @@ async fn passthrough(ctx: &ProxyContext, app: TcpStream, src: SocketAddr, dst: S
     };
     access.own_id = Some(own.id.clone());
     let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
+    if sni.is_none() && crate::egress_http::peek_is_http(&app, HTTP_SNIFF_WAIT).await {
+        return crate::egress_http::serve(ctx.clone(), app, src, dst, own.id.clone()).await;
+    }
     let attrs = EgressAttrs {
         own: &own.id,
         src,

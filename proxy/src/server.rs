@@ -158,6 +158,12 @@ impl Proxy {
             }
             listeners.push(Listener::Outbound(l, target));
         }
+        if let Some(addr) = config.egress.listen {
+            let l = bind(addr, "egress proxy".into()).await?;
+            described
+                .push(serde_json::json!({"kind": "egress-proxy", "listen": l.local_addr().ok()}));
+            listeners.push(Listener::Outbound(l, Arc::new(OutboundTarget::EgressProxy)));
+        }
         expected.sort();
         expected.dedup();
         let creds = Arc::new(Credentials::new(expected, metrics.clone())?);

@@ -29,6 +29,7 @@ the effective result):
                 destinations: [{dst: 10.0.0.0/8 | 10.1.2.3:80 | fd00::/8, port: 8443, expect: td}]}
   limits:      {max_connections: 10000, handshake_timeout: 10s, idle_timeout: 1h,
                 drain_timeout: 20s, connect_timeout: 5s}
+  egress:      {listen: 127.0.0.1:15080}   # explicit HTTP proxy (CONNECT)
   policy:      /etc/svidcar/policy.yaml
 
 Admin: /ready (503 until an SVID is held and the policy loaded), /live, /metrics, /config.
@@ -68,6 +69,10 @@ pub struct ProxyCmd {
     /// it the built-in policy admits authenticated peers of our own trust domain.
     #[arg(long, value_name = "PATH")]
     policy: Option<PathBuf>,
+    /// Explicit egress HTTP proxy on ADDR (e.g. `127.0.0.1:15080`) for apps configured with
+    /// `HTTP(S)_PROXY`: `CONNECT host:port` decided by the egress policy (CONNECT name, then SNI).
+    #[arg(long = "egress-proxy", value_name = "ADDR")]
+    egress_proxy: Option<std::net::SocketAddr>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -97,6 +102,9 @@ impl ProxyCmd {
         if let Some(p) = &self.policy {
             config.policy = Some(p.clone());
         }
+        if let Some(a) = self.egress_proxy {
+            config.egress.listen = Some(a);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -108,9 +116,13 @@ impl ProxyCmd {
             print!("{}", serde_yaml_ng::to_string(&config)?);
             return Ok(ExitCode::SUCCESS);
         }
-        if config.inbound.is_empty() && config.outbound.is_empty() && !config.transparent.enabled {
+        if config.inbound.is_empty()
+            && config.outbound.is_empty()
+            && !config.transparent.enabled
+            && config.egress.listen.is_none()
+        {
             anyhow::bail!(
-                "nothing to do: give at least one --inbound, --outbound or --transparent"
+                "nothing to do: give at least one --inbound, --outbound, --transparent or --egress-proxy"
             );
         }
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,276 @@
+//! Explicit egress HTTP proxy (`egress.listen`, `--egress-proxy`): applications configured with
+//! `HTTP(S)_PROXY` send `CONNECT host:port`.
+//!
+//! Decision (POLICY.md §3/§5): the CONNECT authority host is decided first (`destination.port` =
+//! the CONNECT port, `destination.ip` = the first address svidcar resolves and dials); a refusal
+//! is a `403` to the CONNECT. When allowed, svidcar dials, answers `200 Connection Established`,
+//! and if the tunneled bytes start with a TLS ClientHello, decides again with both names
+//! (CONNECT authority and SNI, every name must allow): a refusal then resets the tunnel.
+//! Other requests (absolute-form `GET http://…`) are answered `501`: use `CONNECT`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::authz::EgressAttrs;
+use crate::context::{reset, Access, ProxyContext};
+use crate::copy;
+
+/// Largest accepted request head; larger heads get `431`.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// How long to wait for the tunneled TLS ClientHello after `200` (server-first protocols send
+/// nothing and are decided on the CONNECT name alone).
+const SNI_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A parsed proxy request head.
+struct Head {
+    method: String,
+    target: String,
+    /// Bytes read after the head (the beginning of the tunnel).
+    leftover: Vec<u8>,
+}
+
+/// Why a request head could not be read.
+enum HeadError {
+    /// Over [`MAX_HEAD`] or too many headers.
+    TooLarge,
+    /// Not HTTP/1.x.
+    Malformed,
+    /// Closed, timed out or an I/O error before a whole head arrived.
+    Gone,
+}
+
+/// Reads one HTTP/1.x request head (bounded by [`MAX_HEAD`]).
+async fn read_head(app: &mut TcpStream, wait: std::time::Duration) -> Result<Head, HeadError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, app.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(HeadError::Gone),
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let method = req.method.unwrap_or_default().to_string();
+                let target = req.path.unwrap_or_default().to_string();
+                return Ok(Head {
+                    method,
+                    target,
+                    leftover: buf[len..].to_vec(),
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(HeadError::TooLarge)
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(_) => return Err(HeadError::Malformed),
+        }
+    }
+}
+
+/// `host:port` (`[v6]:port`) → (host without brackets, port).
+pub fn split_authority(authority: &str) -> Option<(&str, u16)> {
+    let (host, port) = authority.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// Writes a short response that closes the connection.
+async fn respond(app: &mut TcpStream, status: &str, body: &str) {
+    let msg = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = app.write_all(msg.as_bytes()).await;
+    let _ = app.shutdown().await;
+}
+
+/// Handles one connection to the egress proxy listener to the end.
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    mut app: TcpStream,
+    src: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let mut access = Access::new("egress", src, "?".into());
+    let head = match read_head(&mut app, ctx.limits.handshake_timeout.0).await {
+        Ok(h) => h,
+        Err(HeadError::TooLarge) => {
+            access.refused(&ctx.metrics, "refused", "proxy request head too large");
+            return respond(&mut app, "431 Request Header Fields Too Large", "").await;
+        }
+        Err(HeadError::Malformed) => {
+            access.refused(&ctx.metrics, "refused", "malformed proxy request");
+            return respond(&mut app, "400 Bad Request", "malformed request\n").await;
+        }
+        Err(HeadError::Gone) => {
+            return access.refused(&ctx.metrics, "refused", "no proxy request received");
+        }
+    };
+    access.dst = head.target.clone();
+    if head.method != "CONNECT" {
+        access.refused(
+            &ctx.metrics,
+            "refused",
+            &format!(
+                "{} via the egress proxy is not supported (only CONNECT)",
+                head.method
+            ),
+        );
+        return respond(
+            &mut app,
+            "501 Not Implemented",
+            "svidcar egress proxy: only CONNECT is supported; use https:// or transparent egress\n",
+        )
+        .await;
+    }
+    let Some((host, port)) = split_authority(&head.target) else {
+        access.refused(&ctx.metrics, "refused", "CONNECT target is not host:port");
+        return respond(
+            &mut app,
+            "400 Bad Request",
+            "CONNECT target must be host:port\n",
+        )
+        .await;
+    };
+    let Some(own) = ctx.creds.current() else {
+        access.refused(
+            &ctx.metrics,
+            "no_identity",
+            "no valid SVID held (agent unreachable and SVID expired?)",
+        );
+        return respond(&mut app, "503 Service Unavailable", "no identity\n").await;
+    };
+    access.own_id = Some(own.id.clone());
+    let dst = match tokio::net::lookup_host((host, port)).await {
+        Ok(mut addrs) => addrs.next(),
+        Err(_) => None,
+    };
+    let Some(dst) = dst else {
+        access.refused(
+            &ctx.metrics,
+            "upstream_failed",
+            &format!("cannot resolve {host}"),
+        );
+        return respond(&mut app, "502 Bad Gateway", "cannot resolve the host\n").await;
+    };
+    let mut attrs = EgressAttrs {
+        own: &own.id,
+        src,
+        dst_ip: Some(dst.ip()),
+        dst_port: port,
+        destination_id: None,
+        sni: None,
+        mesh: false,
+        connect: Some(host),
+        http: None,
+    };
+    let verdict = ctx.authz.authorize_egress(&attrs);
+    access.rule = Some(verdict.rule.clone());
+    if !verdict.allow {
+        ctx.metrics.decision("egress", false, &verdict.rule);
+        access.refused(
+            &ctx.metrics,
+            "denied",
+            &format!("CONNECT {} denied by {}", head.target, verdict.rule),
+        );
+        return respond(&mut app, "403 Forbidden", "RBAC: access denied").await;
+    }
+    let mut up =
+        match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(dst)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                ctx.metrics.decision("egress", true, &verdict.rule);
+                access.refused(
+                    &ctx.metrics,
+                    "upstream_failed",
+                    &format!("cannot connect to {dst}: {e}"),
+                );
+                return respond(&mut app, "502 Bad Gateway", "cannot connect\n").await;
+            }
+            Err(_) => {
+                ctx.metrics.decision("egress", true, &verdict.rule);
+                access.refused(
+                    &ctx.metrics,
+                    "upstream_failed",
+                    &format!("timeout connecting to {dst}"),
+                );
+                return respond(&mut app, "504 Gateway Timeout", "connect timeout\n").await;
+            }
+        };
+    let _ = up.set_nodelay(true);
+    let _ = app.set_nodelay(true);
+    if app
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        ctx.metrics.decision("egress", true, &verdict.rule);
+        return access.refused(&ctx.metrics, "io_error", "client left before the tunnel");
+    }
+    let sni = if head.leftover.is_empty() {
+        crate::detect::peek_sni(&app, SNI_WAIT).await
+    } else if head.leftover.len() > 5 && head.leftover[0] == 0x16 {
+        crate::detect::client_hello_sni(&head.leftover[5..])
+    } else {
+        None
+    };
+    let verdict = match sni.as_deref() {
+        Some(name) => {
+            attrs.sni = Some(name);
+            ctx.authz.authorize_egress(&attrs)
+        }
+        None => verdict,
+    };
+    ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
+    access.rule = Some(verdict.rule.clone());
+    if !verdict.allow {
+        let sni = sni.unwrap_or_default();
+        access.refused(
+            &ctx.metrics,
+            "denied",
+            &format!(
+                "CONNECT {} (SNI {sni}) denied by {}",
+                head.target, verdict.rule
+            ),
+        );
+        reset(app);
+        return reset(up);
+    }
+    if !head.leftover.is_empty() && up.write_all(&head.leftover).await.is_err() {
+        access.refused(&ctx.metrics, "upstream_failed", "upstream closed");
+        return reset(app);
+    }
+    let stats = copy::splice_bidirectional(app, up, ctx.limits.idle_timeout.0).await;
+    access.finished(&ctx.metrics, &stats);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        assert_eq!(split_authority("a.test:443"), Some(("a.test", 443)));
+        assert_eq!(split_authority("[::1]:8443"), Some(("::1", 8443)));
+        assert_eq!(split_authority("a.test"), None);
+        assert_eq!(split_authority(":443"), None);
+        assert_eq!(split_authority("a.test:x"), None);
+    }
+}

@@ -1,0 +1,223 @@
+//! Plaintext HTTP/1.x egress in transparent mode: the application's connection to a non-mesh
+//! destination is served as an HTTP/1 server and every request (keep-alive included) is decided
+//! on its `Host` (lowercased, port and trailing dot removed), method and path (POLICY.md §3/§5),
+//! then forwarded over one upstream HTTP/1 connection to the original destination.
+//!
+//! A denial is `403` with body `RBAC: access denied` and the connection stays open. Request heads
+//! are bounded (hyper answers `431` over [`crate::egress_connect::MAX_HEAD`]). Protocol upgrades
+//! (WebSocket over plaintext egress) are not forwarded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use svidcar_agent::SpiffeId;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::authz::{EgressAttrs, EgressHttp};
+use crate::context::ProxyContext;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Longest HTTP method token recognized when sniffing.
+const MAX_METHOD: usize = 16;
+
+/// True when `first` starts like an HTTP/1.x request line: a method token (`A-Z`) and a space.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    let n = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    n > 0 && n <= MAX_METHOD && first.get(n) == Some(&b' ')
+}
+
+/// Peeks (without consuming) at the first bytes and says whether they are an HTTP/1.x request
+/// line; waits at most `wait`.
+pub async fn peek_is_http(stream: &TcpStream, wait: std::time::Duration) -> bool {
+    let mut buf = [0u8; MAX_METHOD + 1];
+    match tokio::time::timeout(wait, stream.peek(&mut buf)).await {
+        Ok(Ok(n)) => looks_like_http(&buf[..n]),
+        _ => false,
+    }
+}
+
+/// Per-connection state shared by the requests of one application connection.
+struct Conn {
+    ctx: Arc<ProxyContext>,
+    own: SpiffeId,
+    src: SocketAddr,
+    dst: SocketAddr,
+    upstream: Mutex<Option<SendRequest<Incoming>>>,
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+impl Conn {
+    /// Makes `slot` hold a ready sender on the upstream connection, (re)connecting when needed.
+    async fn ready(&self, slot: &mut Option<SendRequest<Incoming>>) -> Result<(), String> {
+        if let Some(s) = slot.as_mut() {
+            if !s.is_closed() && s.ready().await.is_ok() {
+                return Ok(());
+            }
+        }
+        *slot = None;
+        let tcp = match tokio::time::timeout(
+            self.ctx.limits.connect_timeout.0,
+            TcpStream::connect(self.dst),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", self.dst)),
+            Err(_) => return Err(format!("timeout connecting to {}", self.dst)),
+        };
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP handshake with {}: {e}", self.dst))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("upstream {}: {e}", self.dst))?;
+        *slot = Some(sender);
+        Ok(())
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .map(str::to_string);
+        let method = req.method().as_str().to_string();
+        let path = req.uri().path().to_string();
+        let attrs = EgressAttrs {
+            own: &self.own,
+            src: self.src,
+            dst_ip: Some(self.dst.ip()),
+            dst_port: self.dst.port(),
+            destination_id: None,
+            sni: None,
+            mesh: false,
+            connect: None,
+            http: Some(EgressHttp {
+                host: host.as_deref(),
+                method: &method,
+                path: &path,
+            }),
+        };
+        let verdict = self.ctx.authz.authorize_egress(&attrs);
+        self.ctx
+            .metrics
+            .decision("egress", verdict.allow, &verdict.rule);
+        let log = |outcome: &str, status: u16, reason: &str| {
+            tracing::info!(
+                target: "access",
+                direction = "egress",
+                src = %self.src,
+                dst = %self.dst,
+                own_id = self.own.as_str(),
+                host = host.as_deref().unwrap_or("-"),
+                method = method.as_str(),
+                path = path.as_str(),
+                rule = verdict.rule.as_str(),
+                outcome,
+                status,
+                reason,
+                "http request"
+            );
+        };
+        if !verdict.allow {
+            log("denied", 403, &format!("denied by {}", verdict.rule));
+            return text(StatusCode::FORBIDDEN, "RBAC: access denied");
+        }
+        let sent = {
+            let mut slot = self.upstream.lock().await;
+            match self.ready(&mut slot).await {
+                Ok(()) => match slot.as_mut() {
+                    Some(s) => s.send_request(req),
+                    None => return text(StatusCode::BAD_GATEWAY, "upstream connect failed\n"),
+                },
+                Err(e) => {
+                    log("upstream_failed", 502, &e);
+                    return text(StatusCode::BAD_GATEWAY, "upstream connect failed\n");
+                }
+            }
+        };
+        match sent.await {
+            Ok(resp) => {
+                log("allowed", resp.status().as_u16(), "-");
+                resp.map(BodyExt::boxed)
+            }
+            Err(e) => {
+                log("upstream_failed", 502, &e.to_string());
+                text(StatusCode::BAD_GATEWAY, "upstream request failed\n")
+            }
+        }
+    }
+}
+
+/// Serves one plaintext HTTP/1.x egress connection to `dst` until either side closes.
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    app: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    own: SpiffeId,
+) {
+    let idle = ctx.limits.idle_timeout.0;
+    let conn = Arc::new(Conn {
+        ctx,
+        own,
+        src,
+        dst,
+        upstream: Mutex::new(None),
+    });
+    let svc = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(idle)
+        .max_buf_size(crate::egress_connect::MAX_HEAD)
+        .serve_connection(TokioIo::new(app), svc);
+    if let Err(e) = served.await {
+        tracing::debug!(%src, %dst, error = %e, "plaintext egress connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_request_lines() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"OPTIONS * HTTP/1.1"));
+        assert!(!looks_like_http(b"\x16\x03\x01"));
+        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
+        assert!(!looks_like_http(b"get / HTTP/1.1"));
+        assert!(!looks_like_http(b""));
+    }
+}
