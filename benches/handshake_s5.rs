@@ -4,6 +4,9 @@
 //!   SPIFFE chain validation against the bundle of the peer's trust domain, expected server ID,
 //!   ALPN) with resumption disabled on the client — a full handshake every time.
 //! - `svidcar_resumed`: the same configs with the client's session store kept (TLS 1.3 tickets).
+//! - `svidcar_full_aes128`: as `svidcar_full`, but the client offers only
+//!   TLS_AES_128_GCM_SHA256 (SHA-256 transcript/HKDF instead of SHA-384) — what the suite
+//!   preference costs on CPUs with SHA-NI but no SHA-512 instructions.
 //! - `rustls_plain_full`: plain rustls mutual auth with the stock WebPKI verifiers (DNS name
 //!   check, no SPIFFE rules) and the same P-256 keys — the baseline the SPIFFE layer is compared with.
 //!
@@ -108,6 +111,7 @@ struct Setup {
     svidcar_server: Arc<ServerConfig>,
     svidcar_client_full: Arc<ClientConfig>,
     svidcar_client_resume: Arc<ClientConfig>,
+    svidcar_client_aes128: Arc<ClientConfig>,
     plain_server: Arc<ServerConfig>,
     plain_client: Arc<ClientConfig>,
 }
@@ -132,12 +136,25 @@ fn setup() -> Result<Setup, BoxError> {
     )?;
     let mut full = (*tls::client_config(
         &client_svid,
-        bundles,
-        expected,
+        bundles.clone(),
+        expected.clone(),
         tls::client_session_store(256),
     )?)
     .clone();
     full.resumption = Resumption::disabled();
+    let mut aes128_provider = (*tls::provider()).clone();
+    aes128_provider
+        .cipher_suites
+        .retain(|cs| cs.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut aes128 = ClientConfig::builder_with_provider(Arc::new(aes128_provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(tls::SpiffeServerVerifier::new(
+            bundles, expected,
+        )))
+        .with_client_auth_cert(client_svid.chain.clone(), client_svid.private_key())?;
+    aes128.alpn_protocols = vec![tls::ALPN_SVIDCAR.to_vec()];
+    aes128.resumption = Resumption::disabled();
 
     let provider = tls::provider();
     let mut roots = RootCertStore::empty();
@@ -164,6 +181,7 @@ fn setup() -> Result<Setup, BoxError> {
         svidcar_server,
         svidcar_client_full: Arc::new(full),
         svidcar_client_resume,
+        svidcar_client_aes128: Arc::new(aes128),
         plain_server: Arc::new(plain_server),
         plain_client: Arc::new(plain_client),
     })
@@ -193,6 +211,12 @@ fn bench(c: &mut Criterion) {
             &s.svidcar_server,
             &ip,
         ),
+        (
+            "svidcar_full_aes128",
+            &s.svidcar_client_aes128,
+            &s.svidcar_server,
+            &ip,
+        ),
         ("rustls_plain_full", &s.plain_client, &s.plain_server, &dns),
     ] {
         if let Err(e) = one(cc, sc, n) {
@@ -206,6 +230,9 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("svidcar_resumed", |b| {
         b.iter(|| one(&s.svidcar_client_resume, &s.svidcar_server, &ip).is_ok())
+    });
+    g.bench_function("svidcar_full_aes128", |b| {
+        b.iter(|| one(&s.svidcar_client_aes128, &s.svidcar_server, &ip).is_ok())
     });
     g.bench_function("rustls_plain_full", |b| {
         b.iter(|| one(&s.plain_client, &s.plain_server, &dns).is_ok())
