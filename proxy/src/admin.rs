@@ -88,8 +88,15 @@ impl AdminState {
                 ),
             ),
             "/metrics" => {
+                use prometheus_client::encoding::text::{encode_eof, encode_registry};
                 let mut s = String::new();
-                match prometheus_client::encoding::text::encode(&mut s, &self.registry) {
+                let r = encode_registry(&mut s, &self.registry)
+                    .and_then(|()| match self.authz.metrics_registry() {
+                        Some(extra) => encode_registry(&mut s, extra),
+                        None => Ok(()),
+                    })
+                    .and_then(|()| encode_eof(&mut s));
+                match r {
                     Ok(()) => (
                         StatusCode::OK,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",

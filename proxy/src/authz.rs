@@ -108,6 +108,28 @@ pub trait Authorizer: Send + Sync + 'static {
         let _ = conn;
         Verdict::allow("default:egress-allow")
     }
+    /// Decides an inbound connection that stays open as a byte stream (not an `http` port).
+    /// An authorizer whose policy can change (hot reload) registers the connection *before*
+    /// deciding and returns the guard; the caller copies until
+    /// [`crate::conn_registry::OpenConn::revoked`] and then resets (POLICY.md §6).
+    /// Default: [`Self::authorize_inbound`], never revoked.
+    fn authorize_inbound_open(
+        &self,
+        conn: &ConnAttrs<'_>,
+    ) -> (Verdict, Option<crate::conn_registry::OpenConn>) {
+        (self.authorize_inbound(conn), None)
+    }
+    /// [`Self::authorize_inbound_open`] for outbound connections (mesh or passthrough egress).
+    fn authorize_egress_open(
+        &self,
+        conn: &EgressAttrs<'_>,
+    ) -> (Verdict, Option<crate::conn_registry::OpenConn>) {
+        (self.authorize_egress(conn), None)
+    }
+    /// Metrics of the authorizer, under their full names (rendered after the proxy's).
+    fn metrics_registry(&self) -> Option<&prometheus_client::registry::Registry> {
+        None
+    }
     /// The effective policy for the admin `/policy` endpoint.
     fn policy_json(&self) -> serde_json::Value {
         serde_json::json!({ "builtin": true, "description": self.describe() })

@@ -137,6 +137,29 @@ impl Access {
         );
     }
 
+    /// Logs and counts the reset of an open connection that a new policy denies (POLICY.md §6).
+    fn policy_reset(&self, metrics: &Metrics, rule: &str) {
+        metrics
+            .policy_change_resets
+            .get_or_create(&crate::metrics::DirLabels {
+                direction: self.direction,
+            })
+            .inc();
+        tracing::warn!(
+            target: "access",
+            event = "connection_reset",
+            reason = "policy_change",
+            rule,
+            direction = self.direction,
+            src = %self.src,
+            dst = %self.dst,
+            peer_id = self.peer_id.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+            allowed_by = self.rule.as_deref().unwrap_or("-"),
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            "connection_reset: a new policy denies this open connection"
+        );
+    }
+
     /// Logs a proxied connection when it ends (`rx` = bytes from the connecting side).
     pub fn finished(&self, metrics: &Metrics, stats: &CopyStats) {
         metrics.connection(self.direction, "allowed");
@@ -145,6 +168,10 @@ impl Access {
             CopyEnd::Closed => "closed".to_string(),
             CopyEnd::IdleTimeout => "idle timeout".to_string(),
             CopyEnd::Error(e) => format!("error: {e}"),
+            CopyEnd::PolicyReset(rule) => {
+                self.policy_reset(metrics, rule);
+                format!("reset: policy change ({rule})")
+            }
         };
         tracing::info!(
             target: "access",

@@ -10,6 +10,8 @@
 //! Both half-close correctly: when one side ends its writes (EOF), the write side of the other
 //! is shut down and the opposite direction keeps flowing until it ends too. An error in either
 //! direction ends the connection. Both stop after `idle` without bytes in either direction.
+//! The `_until` variants also stop when a `stop` future resolves (a policy change that now
+//! denies the connection: [`CopyEnd::PolicyReset`]).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +37,8 @@ pub enum CopyEnd {
     IdleTimeout,
     /// A read or write failed (peer reset, broken pipe, TLS error...).
     Error(String),
+    /// A new policy denies the connection (POLICY.md §6); the rule or default that decided.
+    PolicyReset(String),
 }
 
 /// Bytes moved and how the connection ended.
@@ -49,9 +53,10 @@ pub struct CopyStats {
 }
 
 impl CopyStats {
-    /// True when the copy ended on an error (the caller then resets both sockets).
+    /// True when the copy ended on an error or a policy reset (the caller then resets both
+    /// sockets).
     pub fn failed(&self) -> bool {
-        matches!(self.end, CopyEnd::Error(_))
+        matches!(self.end, CopyEnd::Error(_) | CopyEnd::PolicyReset(_))
     }
 }
 
@@ -157,13 +162,15 @@ async fn idle_watch(progress: &Progress, idle: Duration) {
     }
 }
 
-/// Runs two direction futures until both finish, one fails, or the idle watchdog fires.
-async fn drive<F1, F2>(up: F1, down: F2, progress: &Progress, idle: Duration) -> CopyEnd
+/// Runs two direction futures until both finish, one fails, the idle watchdog fires or `stop`
+/// resolves (with the rule that now denies the connection).
+async fn drive<F1, F2, S>(up: F1, down: F2, progress: &Progress, idle: Duration, stop: S) -> CopyEnd
 where
     F1: std::future::Future<Output = io::Result<()>>,
     F2: std::future::Future<Output = io::Result<()>>,
+    S: std::future::Future<Output = String>,
 {
-    tokio::pin!(up, down);
+    tokio::pin!(up, down, stop);
     let idle_fut = idle_watch(progress, idle);
     tokio::pin!(idle_fut);
     let (mut up_done, mut down_done) = (false, false);
@@ -178,6 +185,7 @@ where
                 Err(e) => return CopyEnd::Error(e.to_string()),
             },
             () = &mut idle_fut => return CopyEnd::IdleTimeout,
+            rule = &mut stop => return CopyEnd::PolicyReset(rule),
         }
     }
     CopyEnd::Closed
@@ -190,12 +198,22 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    copy_bidirectional_until(a, b, idle, std::future::pending()).await
+}
+
+/// [`copy_bidirectional`] that also ends ([`CopyEnd::PolicyReset`]) when `stop` resolves.
+pub async fn copy_bidirectional_until<A, B, S>(a: A, b: B, idle: Duration, stop: S) -> CopyStats
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    S: std::future::Future<Output = String>,
+{
     let progress = Progress::new();
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
     let up = copy_one(ar, bw, &progress.a_to_b, &progress);
     let down = copy_one(br, aw, &progress.b_to_a, &progress);
-    let end = drive(up, down, &progress, idle).await;
+    let end = drive(up, down, &progress, idle, stop).await;
     progress.stats(end)
 }
 
@@ -241,14 +259,30 @@ async fn splice_one(
 /// Copies plaintext `a` ⇄ `b` with `splice(2)`; falls back to [`copy_bidirectional`] when the
 /// kernel refuses a pipe.
 pub async fn splice_bidirectional(a: TcpStream, b: TcpStream, idle: Duration) -> CopyStats {
-    if crate::sys::Pipe::new().is_err() {
-        return copy_bidirectional(a, b, idle).await;
-    }
-    let progress = Progress::new();
-    let up = splice_one(&a, &b, &progress.a_to_b, &progress);
-    let down = splice_one(&b, &a, &progress.b_to_a, &progress);
-    let end = drive(up, down, &progress, idle).await;
-    let stats = progress.stats(end);
+    splice_bidirectional_until(a, b, idle, std::future::pending()).await
+}
+
+/// [`splice_bidirectional`] that also ends ([`CopyEnd::PolicyReset`], both sockets reset) when
+/// `stop` resolves.
+pub async fn splice_bidirectional_until<S>(
+    a: TcpStream,
+    b: TcpStream,
+    idle: Duration,
+    stop: S,
+) -> CopyStats
+where
+    S: std::future::Future<Output = String>,
+{
+    let (mut a, mut b) = (a, b);
+    let stats = if crate::sys::Pipe::new().is_err() {
+        copy_bidirectional_until(&mut a, &mut b, idle, stop).await
+    } else {
+        let progress = Progress::new();
+        let up = splice_one(&a, &b, &progress.a_to_b, &progress);
+        let down = splice_one(&b, &a, &progress.b_to_a, &progress);
+        let end = drive(up, down, &progress, idle, stop).await;
+        progress.stats(end)
+    };
     if stats.failed() {
         let _ = a.set_zero_linger();
         let _ = b.set_zero_linger();

@@ -6,7 +6,8 @@
 //! 2. detect mesh TLS vs plaintext by peeking; plaintext on a `strict` port is reset;
 //! 3. mTLS handshake (with a timeout) on the current credentials; the peer's SPIFFE ID;
 //! 4. authorization ([`crate::authz::Authorizer`]); denied → TCP RST;
-//! 5. connect to `127.0.0.1:<app port>` and copy both ways.
+//! 5. connect to `127.0.0.1:<app port>` and copy both ways, until the end or until a new policy
+//!    denies the connection (then RST both ways, see [`crate::conn_registry`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -167,7 +168,7 @@ pub async fn handle(
                 app_port,
                 tls: false,
             };
-            let verdict = ctx.authz.authorize_inbound(&attrs);
+            let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
             access.rule = Some(verdict.rule.clone());
             ctx.metrics.decision(DIR, verdict.allow, &verdict.rule);
             if !verdict.allow {
@@ -177,7 +178,10 @@ pub async fn handle(
             let Some(app) = connect_app(&ctx, &access, app_port).await else {
                 return reset(stream);
             };
-            let stats = copy::splice_bidirectional(stream, app, ctx.limits.idle_timeout.0).await;
+            let revoked = crate::conn_registry::revoked(open.as_ref());
+            let stats =
+                copy::splice_bidirectional_until(stream, app, ctx.limits.idle_timeout.0, revoked)
+                    .await;
             access.finished(&ctx.metrics, &stats);
         }
         Detected::Tls => {
@@ -242,7 +246,7 @@ pub async fn handle(
                 app_port,
                 tls: true,
             };
-            let verdict = ctx.authz.authorize_inbound(&attrs);
+            let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
             access.rule = Some(verdict.rule.clone());
             ctx.metrics.decision(DIR, verdict.allow, &verdict.rule);
             if !verdict.allow {
@@ -258,8 +262,9 @@ pub async fn handle(
             };
             let _ = app.set_nodelay(true);
             let (mut tls, mut app) = (tls, app);
-            let stats =
-                copy::copy_bidirectional(&mut tls, &mut app, ctx.limits.idle_timeout.0).await;
+            let revoked = crate::conn_registry::revoked(open.as_ref());
+            let idle = ctx.limits.idle_timeout.0;
+            let stats = copy::copy_bidirectional_until(&mut tls, &mut app, idle, revoked).await;
             access.finished(&ctx.metrics, &stats);
             if stats.failed() {
                 // One side broke: tell the other with a reset, not a clean end of stream.

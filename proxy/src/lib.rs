@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod authz;
 pub mod config;
+pub mod conn_registry;
 pub mod context;
 pub mod copy;
 pub mod credentials;
@@ -18,6 +19,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod policy_authz;
+pub mod policy_change;
 pub mod server;
 pub mod sys;
 

@@ -44,6 +44,13 @@ pub struct DecisionLabels {
     pub rule: String,
 }
 
+/// Labels of `svidcar_authz_policy_change_resets_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    /// `inbound` | `outbound` | `egress`.
+    pub direction: &'static str,
+}
+
 /// All proxy metrics, cheap to clone (every metric is an `Arc` inside).
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -63,12 +70,21 @@ pub struct Metrics {
     pub svid_expiry_seconds: Gauge,
     /// SVIDs installed (initial + rotations).
     pub svid_rotations: Counter,
+    /// Open connections reset because a new policy denies them (POLICY.md §6).
+    pub policy_change_resets: Family<DirLabels, Counter>,
 }
 
 impl Metrics {
-    /// Registers everything under the `svidcar_proxy` prefix.
+    /// Registers everything under the `svidcar_proxy` prefix, except the metrics POLICY.md
+    /// names (`svidcar_authz_…`), which keep their exact names. The root has no prefix.
     pub fn register(&self) -> Registry {
-        let mut r = Registry::with_prefix("svidcar_proxy");
+        let mut root = Registry::default();
+        root.register(
+            "svidcar_authz_policy_change_resets",
+            "Open connections reset because a new policy denies them",
+            self.policy_change_resets.clone(),
+        );
+        let r = root.sub_registry_with_prefix("svidcar_proxy");
         r.register(
             "connections",
             "Finished connections by direction and outcome",
@@ -109,7 +125,7 @@ impl Metrics {
             "X.509-SVIDs installed (first + rotations)",
             self.svid_rotations.clone(),
         );
-        r
+        root
     }
 
     /// Counts a failed handshake.

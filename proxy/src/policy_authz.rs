@@ -3,7 +3,8 @@
 //! Policies are compiled for this proxy's own SPIFFE ID, which is known only once the first
 //! SVID arrives: until then every connection is denied (`policy:not-loaded`) and the proxy is not
 //! ready. After that the policy watcher hot-reloads the files (a bad file is rejected and the old
-//! policy stays).
+//! policy stays), and every new set is applied to the open non-HTTP connections
+//! ([`crate::policy_change`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,22 +14,29 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use svidcar_agent::SpiffeId;
 
 use crate::authz::{Authorizer, ConnAttrs, EgressAttrs, Verdict};
+use crate::conn_registry::{ConnRegistry, OpenAttrs, OpenConn};
 use crate::credentials::Credentials;
 use crate::policy::{
     self, CompiledPolicy, Direction, PolicyLoadError, PolicySet, Protocol, Request,
 };
+use crate::policy_change::{self, PolicyMetrics, WatcherCounts};
 
 /// The compiled policy in force, for one local ID.
 struct Active {
     local_id: SpiffeId,
     policy: Arc<ArcSwap<CompiledPolicy>>,
     _watcher: policy::PolicyWatcher,
+    _follower: policy_change::Follower,
 }
 
 /// Inbound authorization by the policy files at `path`.
 pub struct PolicyAuthorizer {
     path: PathBuf,
     active: ArcSwapOption<Active>,
+    /// Open non-HTTP connections (re-evaluated on a policy change).
+    open: ConnRegistry,
+    metrics: PolicyMetrics,
+    registry: prometheus_client::registry::Registry,
 }
 
 impl PolicyAuthorizer {
@@ -36,9 +44,15 @@ impl PolicyAuthorizer {
     /// first SVID is installed (see [`PolicyAuthorizer::follow`]).
     pub fn new(path: PathBuf) -> Result<Arc<Self>, PolicyLoadError> {
         PolicySet::load(&path)?;
+        let metrics = PolicyMetrics::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
         Ok(Arc::new(Self {
             path,
             active: ArcSwapOption::empty(),
+            open: ConnRegistry::default(),
+            metrics,
+            registry,
         }))
     }
 
@@ -59,11 +73,23 @@ impl PolicyAuthorizer {
                 Ok(w) => {
                     tracing::info!(path = %self.path.display(), local_id = %own, "authorization policy in force");
                     let policy = w.handle();
-                    self.active.store(Some(Arc::new(Active {
+                    let reloads = Arc::default();
+                    self.metrics.reloads.follow(WatcherCounts {
+                        errors: w.reload_errors_counter(),
+                        reloads: Arc::clone(&reloads),
+                    });
+                    let follower = policy_change::follow(w.subscribe(), self.open.clone(), reloads);
+                    let first = w.current();
+                    let old = self.active.swap(Some(Arc::new(Active {
                         local_id: own,
                         policy,
                         _watcher: w,
+                        _follower: follower,
                     })));
+                    if old.is_some() {
+                        // A new local ID: a newly compiled set for the open connections too.
+                        policy_change::reevaluate(&self.open, &first);
+                    }
                 }
                 Err(e) => {
                     tracing::error!(path = %self.path.display(), error = %e, "policy failed to load; retrying");
@@ -86,6 +112,7 @@ impl Authorizer for PolicyAuthorizer {
         req.destination_port = Some(conn.app_port);
         let decision = active.policy.load().decide(&req);
         policy::log_decision(&req, &decision);
+        self.metrics.record(req.direction, &decision);
         Verdict {
             allow: decision.allow,
             rule: decision.reason.to_string(),
@@ -123,6 +150,7 @@ impl Authorizer for PolicyAuthorizer {
         req.headers = &headers;
         let decision = compiled.decide(&req);
         policy::log_decision(&req, &decision);
+        self.metrics.record(req.direction, &decision);
         Verdict {
             allow: decision.allow,
             rule: decision.reason.to_string(),
@@ -167,10 +195,34 @@ impl Authorizer for PolicyAuthorizer {
         req.path = path.as_deref();
         let decision = compiled.decide(&req);
         policy::log_decision(&req, &decision);
+        self.metrics.record(req.direction, &decision);
         Verdict {
             allow: decision.allow,
             rule: decision.reason.to_string(),
         }
+    }
+
+    fn authorize_inbound_open(&self, conn: &ConnAttrs<'_>) -> (Verdict, Option<OpenConn>) {
+        // Registered before deciding: a policy swap cannot slip between decision and copy.
+        let guard = self.open.register(OpenAttrs::inbound(conn));
+        let verdict = self.authorize_inbound(conn);
+        let guard = verdict.allow.then_some(guard);
+        (verdict, guard)
+    }
+
+    fn authorize_egress_open(&self, conn: &EgressAttrs<'_>) -> (Verdict, Option<OpenConn>) {
+        if conn.http.is_some() {
+            // Plaintext HTTP egress is decided per request.
+            return (self.authorize_egress(conn), None);
+        }
+        let guard = self.open.register(OpenAttrs::egress(conn));
+        let verdict = self.authorize_egress(conn);
+        let guard = verdict.allow.then_some(guard);
+        (verdict, guard)
+    }
+
+    fn metrics_registry(&self) -> Option<&prometheus_client::registry::Registry> {
+        Some(&self.registry)
     }
 
     fn policy_json(&self) -> serde_json::Value {
