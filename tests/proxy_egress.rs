@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{is_root, run, PodPair};
-use common::proxy::{Mesh, Sidecar};
+use common::proxy::{Mesh, Sidecar, TestApp};
 use common::{free_port, skip, which};
 
 struct Guard(Child);
@@ -49,7 +49,7 @@ fn curl_via(proxy: u16, extra: &[&str], url: &str) -> (bool, String, String) {
 }
 
 #[test]
-fn connect_proxy_decides_on_connect_name_then_sni() {
+fn egress_proxy_decides_connect_then_sni_and_plain_requests() {
     for tool in ["curl", "openssl"] {
         if which(tool).is_none() {
             return skip(&format!("{tool} is not installed"));
@@ -63,6 +63,7 @@ fn connect_proxy_decides_on_connect_name_then_sni() {
         }
     }
     let mesh = Mesh::start("proxy-egress-connect", &[]);
+    let app = TestApp::start("plain-app");
     let (cert, key) = common::proxy::foreign_svid(mesh.dir.path(), "external.example");
     let tls_port = free_port();
     let _server = Guard(
@@ -89,7 +90,7 @@ fn connect_proxy_decides_on_connect_name_then_sni() {
     let policy = mesh.dir.path().join("egress-connect.yaml");
     std::fs::write(
         &policy,
-        format!("apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: local-tls\n  direction: egress\n  action: allow\n  rules: [{{ to: [{{ hosts: [\"localhost\"], ports: [{tls_port}], cidrs: [\"127.0.0.0/8\"] }}] }}]\n"),
+        format!("apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: local-tls\n  direction: egress\n  action: allow\n  rules:\n  - to: [{{ hosts: [\"localhost\"], ports: [{tls_port}], cidrs: [\"127.0.0.0/8\"] }}]\n  - to: [{{ hosts: [\"localhost\"], ports: [{app_port}], methods: [\"GET\"], paths: [\"/ok\"] }}]\n", app_port = app.port),
     )
     .unwrap();
     let proxy_port = free_port();
@@ -150,23 +151,57 @@ fn connect_proxy_decides_on_connect_name_then_sni() {
         "(SNI vm) denied by default:deny(implicit)",
     ]);
 
-    // Not CONNECT: a clear 501.
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-w", "%{http_code}"])
-        .args(["-x", &format!("http://127.0.0.1:{proxy_port}")])
-        .arg(format!("http://localhost:{tls_port}/"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.ends_with("501") && text.contains("only CONNECT"),
-        "{text}"
+    // Absolute-form plaintext requests through the proxy: decided per request on the URI host,
+    // method and path (403 on denial), forwarded to the first resolved address.
+    let via = |url: &str, method: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-w",
+                " %{http_code}",
+                "-X",
+                method,
+            ])
+            .args(["-x", &format!("http://127.0.0.1:{proxy_port}")])
+            .arg(url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let app_port = app.port;
+    assert_eq!(
+        via(&format!("http://localhost:{app_port}/ok"), "GET"),
+        "hello from plain-app\n 200"
     );
+    assert_eq!(
+        via(&format!("http://LocalHost.:{app_port}/ok?x=1"), "GET"),
+        "hello from plain-app\n 200"
+    );
+    assert_eq!(
+        via(&format!("http://localhost:{app_port}/other"), "GET"),
+        "RBAC: access denied 403"
+    );
+    assert_eq!(
+        via(&format!("http://localhost:{app_port}/ok"), "POST"),
+        "RBAC: access denied 403"
+    );
+    assert_eq!(
+        via(&format!("http://vm:{app_port}/ok"), "GET"),
+        "RBAC: access denied 403"
+    );
+    frontend.wait_log(&["host=\"vm\"", "outcome=\"denied\"", "status=403"]);
+    frontend.wait_log(&[
+        "path=\"/ok\"",
+        "rule=\"local-tls/rules[1]\"",
+        "outcome=\"allowed\"",
+    ]);
 
     // Every decision is counted.
     let m = frontend.metrics();
     assert!(
-        frontend.metric_sum(&["direction=\"egress\"", "decision=\"deny\""]) >= 2.0,
+        frontend.metric_sum(&["direction=\"egress\"", "decision=\"deny\""]) >= 5.0,
         "{m}"
     );
 }

@@ -6,7 +6,8 @@
 //! is a `403` to the CONNECT. When allowed, svidcar dials, answers `200 Connection Established`,
 //! and if the tunneled bytes start with a TLS ClientHello, decides again with both names
 //! (CONNECT authority and SNI, every name must allow): a refusal then resets the tunnel.
-//! Other requests (absolute-form `GET http://…`) are answered `501`: use `CONNECT`.
+//! Other requests (absolute-form `GET http://host/…`) are served by [`crate::egress_http`]:
+//! each decided on its URI host, method and path, `403` on denial.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,12 +27,12 @@ pub const MAX_HEAD: usize = 16 * 1024;
 /// nothing and are decided on the CONNECT name alone).
 const SNI_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// A parsed proxy request head.
+/// A proxy request head, peeked (not consumed).
 struct Head {
     method: String,
     target: String,
-    /// Bytes read after the head (the beginning of the tunnel).
-    leftover: Vec<u8>,
+    /// Length of the head in bytes.
+    len: usize,
 }
 
 /// Why a request head could not be read.
@@ -44,36 +45,34 @@ enum HeadError {
     Gone,
 }
 
-/// Reads one HTTP/1.x request head (bounded by [`MAX_HEAD`]).
-async fn read_head(app: &mut TcpStream, wait: std::time::Duration) -> Result<Head, HeadError> {
+/// Peeks at one HTTP/1.x request head (bounded by [`MAX_HEAD`]) without consuming it.
+async fn peek_head(app: &TcpStream, wait: std::time::Duration) -> Result<Head, HeadError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
+    let mut buf = vec![0u8; MAX_HEAD];
     loop {
-        let n = match tokio::time::timeout_at(deadline, app.read(&mut chunk)).await {
+        let n = match tokio::time::timeout_at(deadline, app.peek(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(HeadError::Gone),
             Ok(Ok(n)) => n,
         };
-        buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
+        match req.parse(&buf[..n]) {
             Ok(httparse::Status::Complete(len)) => {
-                let method = req.method.unwrap_or_default().to_string();
-                let target = req.path.unwrap_or_default().to_string();
                 return Ok(Head {
-                    method,
-                    target,
-                    leftover: buf[len..].to_vec(),
+                    method: req.method.unwrap_or_default().to_string(),
+                    target: req.path.unwrap_or_default().to_string(),
+                    len,
                 });
             }
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
-                return Err(HeadError::TooLarge)
-            }
+            Ok(httparse::Status::Partial) if n >= MAX_HEAD => return Err(HeadError::TooLarge),
             Ok(httparse::Status::Partial) => {}
             Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
             Err(_) => return Err(HeadError::Malformed),
         }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(HeadError::Gone);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
 
@@ -89,6 +88,16 @@ pub fn split_authority(authority: &str) -> Option<(&str, u16)> {
         return None;
     }
     Some((host, port))
+}
+
+/// The first address of `host` (a trailing dot is dropped, as in policy names), the one
+/// svidcar dials and reports as `destination.ip`.
+pub async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    let host = host
+        .strip_suffix('.')
+        .filter(|h| !h.is_empty())
+        .unwrap_or(host);
+    tokio::net::lookup_host((host, port)).await.ok()?.next()
 }
 
 /// Writes a short response that closes the connection.
@@ -109,7 +118,7 @@ pub async fn handle(
     _permit: OwnedSemaphorePermit,
 ) {
     let mut access = Access::new("egress", src, "?".into());
-    let head = match read_head(&mut app, ctx.limits.handshake_timeout.0).await {
+    let head = match peek_head(&app, ctx.limits.handshake_timeout.0).await {
         Ok(h) => h,
         Err(HeadError::TooLarge) => {
             access.refused(&ctx.metrics, "refused", "proxy request head too large");
@@ -123,22 +132,21 @@ pub async fn handle(
             return access.refused(&ctx.metrics, "refused", "no proxy request received");
         }
     };
-    access.dst = head.target.clone();
     if head.method != "CONNECT" {
-        access.refused(
-            &ctx.metrics,
-            "refused",
-            &format!(
-                "{} via the egress proxy is not supported (only CONNECT)",
-                head.method
-            ),
-        );
-        return respond(
-            &mut app,
-            "501 Not Implemented",
-            "svidcar egress proxy: only CONNECT is supported; use https:// or transparent egress\n",
-        )
-        .await;
+        let Some(own) = ctx.creds.current() else {
+            access.refused(
+                &ctx.metrics,
+                "no_identity",
+                "no valid SVID held (agent unreachable and SVID expired?)",
+            );
+            return respond(&mut app, "503 Service Unavailable", "no identity\n").await;
+        };
+        return crate::egress_http::serve(ctx.clone(), app, src, None, own.id.clone()).await;
+    }
+    access.dst = head.target.clone();
+    let mut consumed = vec![0u8; head.len];
+    if app.read_exact(&mut consumed).await.is_err() {
+        return access.refused(&ctx.metrics, "io_error", "client left during CONNECT");
     }
     let Some((host, port)) = split_authority(&head.target) else {
         access.refused(&ctx.metrics, "refused", "CONNECT target is not host:port");
@@ -158,10 +166,7 @@ pub async fn handle(
         return respond(&mut app, "503 Service Unavailable", "no identity\n").await;
     };
     access.own_id = Some(own.id.clone());
-    let dst = match tokio::net::lookup_host((host, port)).await {
-        Ok(mut addrs) => addrs.next(),
-        Err(_) => None,
-    };
+    let dst = resolve(host, port).await;
     let Some(dst) = dst else {
         access.refused(
             &ctx.metrics,
@@ -192,28 +197,28 @@ pub async fn handle(
         );
         return respond(&mut app, "403 Forbidden", "RBAC: access denied").await;
     }
-    let mut up =
-        match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(dst)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                ctx.metrics.decision("egress", true, &verdict.rule);
-                access.refused(
-                    &ctx.metrics,
-                    "upstream_failed",
-                    &format!("cannot connect to {dst}: {e}"),
-                );
-                return respond(&mut app, "502 Bad Gateway", "cannot connect\n").await;
-            }
-            Err(_) => {
-                ctx.metrics.decision("egress", true, &verdict.rule);
-                access.refused(
-                    &ctx.metrics,
-                    "upstream_failed",
-                    &format!("timeout connecting to {dst}"),
-                );
-                return respond(&mut app, "504 Gateway Timeout", "connect timeout\n").await;
-            }
-        };
+    let up = match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(dst)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            ctx.metrics.decision("egress", true, &verdict.rule);
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("cannot connect to {dst}: {e}"),
+            );
+            return respond(&mut app, "502 Bad Gateway", "cannot connect\n").await;
+        }
+        Err(_) => {
+            ctx.metrics.decision("egress", true, &verdict.rule);
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("timeout connecting to {dst}"),
+            );
+            return respond(&mut app, "504 Gateway Timeout", "connect timeout\n").await;
+        }
+    };
     let _ = up.set_nodelay(true);
     let _ = app.set_nodelay(true);
     if app
@@ -224,13 +229,7 @@ pub async fn handle(
         ctx.metrics.decision("egress", true, &verdict.rule);
         return access.refused(&ctx.metrics, "io_error", "client left before the tunnel");
     }
-    let sni = if head.leftover.is_empty() {
-        crate::detect::peek_sni(&app, SNI_WAIT).await
-    } else if head.leftover.len() > 5 && head.leftover[0] == 0x16 {
-        crate::detect::client_hello_sni(&head.leftover[5..])
-    } else {
-        None
-    };
+    let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
     let verdict = match sni.as_deref() {
         Some(name) => {
             attrs.sni = Some(name);
@@ -252,10 +251,6 @@ pub async fn handle(
         );
         reset(app);
         return reset(up);
-    }
-    if !head.leftover.is_empty() && up.write_all(&head.leftover).await.is_err() {
-        access.refused(&ctx.metrics, "upstream_failed", "upstream closed");
-        return reset(app);
     }
     let stats = copy::splice_bidirectional(app, up, ctx.limits.idle_timeout.0).await;
     access.finished(&ctx.metrics, &stats);

@@ -50,8 +50,16 @@ struct Conn {
     ctx: Arc<ProxyContext>,
     own: SpiffeId,
     src: SocketAddr,
+    /// `Some`: transparent (original destination); `None`: explicit proxy (absolute-form URI).
+    dst: Option<SocketAddr>,
+    /// The upstream connection and where it goes.
+    upstream: Mutex<Option<(SocketAddr, SendRequest<Incoming>)>>,
+}
+
+/// Where one request goes and the name it is decided on.
+struct Target {
     dst: SocketAddr,
-    upstream: Mutex<Option<SendRequest<Incoming>>>,
+    host: Option<String>,
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -70,52 +78,100 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 
 impl Conn {
     /// Makes `slot` hold a ready sender on the upstream connection, (re)connecting when needed.
-    async fn ready(&self, slot: &mut Option<SendRequest<Incoming>>) -> Result<(), String> {
-        if let Some(s) = slot.as_mut() {
-            if !s.is_closed() && s.ready().await.is_ok() {
+    async fn ready(
+        &self,
+        slot: &mut Option<(SocketAddr, SendRequest<Incoming>)>,
+        dst: SocketAddr,
+    ) -> Result<(), String> {
+        if let Some((to, s)) = slot.as_mut() {
+            if *to == dst && !s.is_closed() && s.ready().await.is_ok() {
                 return Ok(());
             }
         }
         *slot = None;
-        let tcp = match tokio::time::timeout(
-            self.ctx.limits.connect_timeout.0,
-            TcpStream::connect(self.dst),
-        )
-        .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", self.dst)),
-            Err(_) => return Err(format!("timeout connecting to {}", self.dst)),
-        };
+        let tcp =
+            match tokio::time::timeout(self.ctx.limits.connect_timeout.0, TcpStream::connect(dst))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", dst)),
+                Err(_) => return Err(format!("timeout connecting to {}", dst)),
+            };
         let _ = tcp.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| format!("HTTP handshake with {}: {e}", self.dst))?;
+            .map_err(|e| format!("HTTP handshake with {}: {e}", dst))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         sender
             .ready()
             .await
-            .map_err(|e| format!("upstream {}: {e}", self.dst))?;
-        *slot = Some(sender);
+            .map_err(|e| format!("upstream {}: {e}", dst))?;
+        *slot = Some((dst, sender));
         Ok(())
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .map(str::to_string);
+    /// The destination and name of `req`; for the explicit proxy also rewrites the absolute-form
+    /// request to origin-form with `Host` = the URI authority (RFC 9112 §3.2.2).
+    async fn target(
+        &self,
+        req: &mut Request<Incoming>,
+    ) -> Result<Target, (StatusCode, &'static str)> {
+        if let Some(dst) = self.dst {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .map(str::to_string);
+            return Ok(Target { dst, host });
+        }
+        let bad = |m| Err((StatusCode::BAD_REQUEST, m));
+        let Some(auth) = req.uri().authority().cloned() else {
+            return bad("svidcar egress proxy: an absolute http:// URI (or CONNECT) is required\n");
+        };
+        if req.uri().scheme_str() != Some("http") {
+            return bad("svidcar egress proxy: only http:// URIs (use CONNECT for TLS)\n");
+        }
+        let port = auth.port_u16().unwrap_or(80);
+        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+        let dst = crate::egress_connect::resolve(host, port).await;
+        let Some(dst) = dst else {
+            return Err((StatusCode::BAD_GATEWAY, "cannot resolve the host\n"));
+        };
+        let origin = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .parse()
+            .map_err(|_| (StatusCode::BAD_REQUEST, "bad request target\n"))?;
+        *req.uri_mut() = origin;
+        let h = req.headers_mut();
+        if let Ok(v) = http::HeaderValue::from_str(auth.as_str()) {
+            h.insert(http::header::HOST, v);
+        }
+        h.remove("proxy-connection");
+        h.remove(http::header::PROXY_AUTHORIZATION);
+        Ok(Target {
+            dst,
+            host: Some(auth.host().to_string()),
+        })
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let Target { dst, host } = match self.target(&mut req).await {
+            Ok(t) => t,
+            Err((status, msg)) => return text(status, msg),
+        };
         let method = req.method().as_str().to_string();
         let path = req.uri().path().to_string();
         let attrs = EgressAttrs {
             own: &self.own,
             src: self.src,
-            dst_ip: Some(self.dst.ip()),
-            dst_port: self.dst.port(),
+            dst_ip: Some(dst.ip()),
+            dst_port: dst.port(),
             destination_id: None,
             sni: None,
             mesh: false,
@@ -135,7 +191,7 @@ impl Conn {
                 target: "access",
                 direction = "egress",
                 src = %self.src,
-                dst = %self.dst,
+                dst = %dst,
                 own_id = self.own.as_str(),
                 host = host.as_deref().unwrap_or("-"),
                 method = method.as_str(),
@@ -153,9 +209,9 @@ impl Conn {
         }
         let sent = {
             let mut slot = self.upstream.lock().await;
-            match self.ready(&mut slot).await {
+            match self.ready(&mut slot, dst).await {
                 Ok(()) => match slot.as_mut() {
-                    Some(s) => s.send_request(req),
+                    Some((_, s)) => s.send_request(req),
                     None => return text(StatusCode::BAD_GATEWAY, "upstream connect failed\n"),
                 },
                 Err(e) => {
@@ -177,12 +233,14 @@ impl Conn {
     }
 }
 
-/// Serves one plaintext HTTP/1.x egress connection to `dst` until either side closes.
+/// Serves one plaintext HTTP/1.x egress connection until either side closes: to the original
+/// destination `dst` (transparent), or, with `None`, as an explicit proxy for absolute-form
+/// `http://` requests (each decided on its URI host and sent to the first resolved address).
 pub async fn serve(
     ctx: Arc<ProxyContext>,
     app: TcpStream,
     src: SocketAddr,
-    dst: SocketAddr,
+    dst: Option<SocketAddr>,
     own: SpiffeId,
 ) {
     let idle = ctx.limits.idle_timeout.0;
@@ -203,7 +261,7 @@ pub async fn serve(
         .max_buf_size(crate::egress_connect::MAX_HEAD)
         .serve_connection(TokioIo::new(app), svc);
     if let Err(e) = served.await {
-        tracing::debug!(%src, %dst, error = %e, "plaintext egress connection ended");
+        tracing::debug!(%src, ?dst, error = %e, "plaintext egress connection ended");
     }
 }
 
