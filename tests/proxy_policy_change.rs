@@ -264,3 +264,51 @@ fn broken_file_keeps_the_old_policy_and_dry_run_and_audit_are_counted() {
         "a rejected reload does not make the proxy unready"
     );
 }
+
+/// The plaintext path (a `permissive` port, spliced in the kernel) is re-evaluated as well.
+#[test]
+fn permissive_plaintext_connection_is_reset_when_now_denied() {
+    let mesh = Mesh::start("policy-plain", &[]);
+    let app = echo_app();
+    let file = mesh.dir.path().join("policy.yaml");
+    replace(
+        &file,
+        &format!("{HEADER}defaults: {{ inbound: allow }}\npolicies: []\n"),
+    );
+    let inp = common::free_port();
+    let backend = mesh.sidecar(
+        "backend",
+        &mesh.backend_bin.clone(),
+        &[
+            "--inbound".into(),
+            format!("127.0.0.1:{inp}={app}:permissive"),
+            "--policy".into(),
+            file.display().to_string(),
+        ],
+    );
+    let mut conn = Conn::open(inp);
+    assert_eq!(conn.ping("p1").as_deref(), Ok("p1"));
+    backend.wait_log(&["authorization decision", "reason=default:allow", "peer=-"]);
+    let deny_plaintext = format!(
+        "{HEADER}defaults: {{ inbound: allow }}\npolicies:\n- name: no-plaintext\n  direction: inbound\n  action: deny\n  rules: [{{ to: [{{ ports: [{app}] }}] }}]\n"
+    );
+    replace(&file, &deny_plaintext);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 1;
+    while conn.ping(&format!("p{i}")).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "plaintext connection not reset:\n{}",
+            backend.log_text()
+        );
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let line = backend.wait_log(&["connection_reset", "policy_change"]);
+    assert!(line.contains("no-plaintext/rules[0]"), "{line}");
+    wait_metric(
+        &backend,
+        &["svidcar_authz_policy_change_resets_total", "inbound"],
+        1.0,
+    );
+}
