@@ -186,7 +186,7 @@ pub async fn handle(
         connect: Some(host),
         http: None,
     };
-    let verdict = ctx.authz.authorize_egress(&attrs);
+    let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
     access.rule = Some(verdict.rule.clone());
     if !verdict.allow {
         ctx.metrics.decision("egress", false, &verdict.rule);
@@ -230,12 +230,12 @@ pub async fn handle(
         return access.refused(&ctx.metrics, "io_error", "client left before the tunnel");
     }
     let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
-    let verdict = match sni.as_deref() {
+    let (verdict, open) = match sni.as_deref() {
         Some(name) => {
             attrs.sni = Some(name);
-            ctx.authz.authorize_egress(&attrs)
+            ctx.authz.authorize_egress_open(&attrs)
         }
-        None => verdict,
+        None => (verdict, open),
     };
     ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
     access.rule = Some(verdict.rule.clone());
@@ -252,7 +252,8 @@ pub async fn handle(
         reset(app);
         return reset(up);
     }
-    let stats = copy::splice_bidirectional(app, up, ctx.limits.idle_timeout.0).await;
+    let revoked = crate::conn_registry::revoked(open.as_ref());
+    let stats = copy::splice_bidirectional_until(app, up, ctx.limits.idle_timeout.0, revoked).await;
     access.finished(&ctx.metrics, &stats);
 }
 

@@ -191,7 +191,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         connect: None,
         http: None,
     };
-    let verdict = ctx.authz.authorize_egress(&attrs);
+    let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
     ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
     access.rule = Some(verdict.rule.clone());
     if !verdict.allow {
@@ -256,7 +256,9 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         };
     access.peer_id = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
     let (mut app, mut tls) = (app, tls);
-    let stats = copy::copy_bidirectional(&mut app, &mut tls, ctx.limits.idle_timeout.0).await;
+    let revoked = crate::conn_registry::revoked(open.as_ref());
+    let idle = ctx.limits.idle_timeout.0;
+    let stats = copy::copy_bidirectional_until(&mut app, &mut tls, idle, revoked).await;
     access.finished(&ctx.metrics, &stats);
     if stats.failed() {
         // One side broke (e.g. the peer reset): tell the app with a reset, not a clean EOF.
@@ -293,7 +295,7 @@ async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, d
         connect: None,
         http: None,
     };
-    let verdict = ctx.authz.authorize_egress(&attrs);
+    let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
     ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
     access.rule = Some(verdict.rule.clone());
     if !verdict.allow {
@@ -325,6 +327,7 @@ async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, d
             return reset(app);
         }
     };
-    let stats = copy::splice_bidirectional(app, up, ctx.limits.idle_timeout.0).await;
+    let revoked = crate::conn_registry::revoked(open.as_ref());
+    let stats = copy::splice_bidirectional_until(app, up, ctx.limits.idle_timeout.0, revoked).await;
     access.finished(&ctx.metrics, &stats);
 }
