@@ -363,3 +363,82 @@ fn transparent_plaintext_http_egress_decided_per_request() {
     frontend.wait_log(&["method=\"DELETE\"", "outcome=\"denied\""]);
     frontend.wait_log(&["path=\"/admin\"", "outcome=\"denied\""]);
 }
+
+/// Reads from `s` until the bytes read contain `needle`; returns them (or what came before
+/// EOF / an error).
+fn read_until(s: &mut std::net::TcpStream, needle: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// An open CONNECT tunnel is re-evaluated when the policy changes (`onPolicyChange:
+/// reevaluate`, the default) and reset once the new policy denies its CONNECT name.
+#[test]
+fn connect_tunnel_is_reset_when_a_new_policy_denies_it() {
+    use std::io::Write;
+    if !resolves_to_loopback("localhost") {
+        return skip("localhost does not resolve to a loopback address here");
+    }
+    let mesh = Mesh::start("proxy-egress-revoke", &[]);
+    let app = TestApp::start("tunnel-app");
+    let policy = mesh.dir.path().join("egress-revoke.yaml");
+    let allow = |host: &str| {
+        format!("apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: tunnel\n  direction: egress\n  action: allow\n  rules: [{{ to: [{{ hosts: [\"{host}\"] }}] }}]\n")
+    };
+    std::fs::write(&policy, allow("localhost")).unwrap();
+    let proxy_port = free_port();
+    let frontend = mesh.sidecar(
+        "frontend",
+        &mesh.frontend_bin.clone(),
+        &[
+            "--policy".into(),
+            policy.display().to_string(),
+            "--egress-proxy".into(),
+            format!("127.0.0.1:{proxy_port}"),
+        ],
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let port = app.port;
+    write!(
+        s,
+        "CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_until(&mut s, "\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    s.write_all(get).unwrap();
+    assert!(read_until(&mut s, "hello from tunnel-app").is_ok());
+
+    std::fs::write(&policy, allow("other.example")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive = s.write_all(get).is_ok() && read_until(&mut s, "hello from tunnel-app").is_ok();
+        if !alive {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel survived a policy that denies it:\n{}",
+            frontend.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    frontend.wait_log(&["direction=\"egress\"", "reset: policy change"]);
+    // A new CONNECT is refused outright.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "CONNECT localhost:{port} HTTP/1.1\r\n\r\n").unwrap();
+    let head = read_until(&mut s, "\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+}
