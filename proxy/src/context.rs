@@ -139,11 +139,14 @@ impl Access {
 
     /// Logs and counts the reset of an open connection that a new policy denies (POLICY.md §6).
     fn policy_reset(&self, metrics: &Metrics, rule: &str) {
+        // The policy direction: mesh `outbound` connections are decided as `egress`.
+        let direction = match self.direction {
+            "inbound" => "inbound",
+            _ => "egress",
+        };
         metrics
             .policy_change_resets
-            .get_or_create(&crate::metrics::DirLabels {
-                direction: self.direction,
-            })
+            .get_or_create(&crate::metrics::DirLabels { direction })
             .inc();
         tracing::warn!(
             target: "access",

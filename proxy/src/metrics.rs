@@ -47,7 +47,7 @@ pub struct DecisionLabels {
 /// Labels of `svidcar_authz_policy_change_resets_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabels {
-    /// `inbound` | `outbound` | `egress`.
+    /// `inbound` | `egress` (the policy direction; mesh outbound counts as `egress`).
     pub direction: &'static str,
 }
 
