@@ -380,16 +380,51 @@ fn read_until(s: &mut std::net::TcpStream, needle: &str) -> std::io::Result<Stri
     Ok(String::from_utf8_lossy(&got).into_owned())
 }
 
-/// An open CONNECT tunnel is re-evaluated when the policy changes (`onPolicyChange:
-/// reevaluate`, the default) and reset once the new policy denies its CONNECT name.
+/// A TCP echo server on 127.0.0.1 (one thread per connection); returns its port.
+fn echo_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    port
+}
+
+fn connect_tunnel(proxy_port: u16, authority: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_until(&mut s, "\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "CONNECT {authority}: {head}"
+    );
+    s
+}
+
+/// Plaintext HTTP inside a CONNECT tunnel is decided per request on the CONNECT name and the
+/// Host (403 on denial, the tunnel stays open); an open opaque tunnel is re-evaluated when the
+/// policy changes (`onPolicyChange: reevaluate`, the default) and reset once denied.
 #[test]
-fn connect_tunnel_is_reset_when_a_new_policy_denies_it() {
+fn connect_tunnels_http_per_request_and_reset_on_policy_change() {
     use std::io::Write;
     if !resolves_to_loopback("localhost") {
         return skip("localhost does not resolve to a loopback address here");
     }
     let mesh = Mesh::start("proxy-egress-revoke", &[]);
     let app = TestApp::start("tunnel-app");
+    let echo = echo_server();
     let policy = mesh.dir.path().join("egress-revoke.yaml");
     let allow = |host: &str| {
         format!("apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: tunnel\n  direction: egress\n  action: allow\n  rules: [{{ to: [{{ hosts: [\"{host}\"] }}] }}]\n")
@@ -406,27 +441,26 @@ fn connect_tunnel_is_reset_when_a_new_policy_denies_it() {
             format!("127.0.0.1:{proxy_port}"),
         ],
     );
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let port = app.port;
-    write!(
-        s,
-        "CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"
-    )
-    .unwrap();
-    let head = read_until(&mut s, "\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
-    s.write_all(get).unwrap();
-    assert!(read_until(&mut s, "hello from tunnel-app").is_ok());
 
+    // HTTP in the tunnel: both names must allow, per request, on one connection.
+    let mut h = connect_tunnel(proxy_port, &format!("localhost:{}", app.port));
+    let ok = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    h.write_all(ok).unwrap();
+    assert!(read_until(&mut h, "hello from tunnel-app").is_ok());
+    h.write_all(b"GET / HTTP/1.1\r\nHost: vm\r\n\r\n").unwrap();
+    let denied = read_until(&mut h, "RBAC: access denied").unwrap();
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    h.write_all(ok).unwrap();
+    assert!(read_until(&mut h, "hello from tunnel-app").is_ok());
+    frontend.wait_log(&["connect=\"localhost\"", "host=\"vm\"", "outcome=\"denied\""]);
+
+    // An opaque tunnel, then a policy that no longer allows its CONNECT name.
+    let mut s = connect_tunnel(proxy_port, &format!("localhost:{echo}"));
+    s.write_all(b"ping\n").unwrap();
+    assert!(read_until(&mut s, "ping").is_ok());
     std::fs::write(&policy, allow("other.example")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let alive = s.write_all(get).is_ok() && read_until(&mut s, "hello from tunnel-app").is_ok();
-        if !alive {
-            break;
-        }
+    while s.write_all(b"ping\n").is_ok() && read_until(&mut s, "ping").is_ok() {
         assert!(
             Instant::now() < deadline,
             "the tunnel survived a policy that denies it:\n{}",
@@ -438,7 +472,7 @@ fn connect_tunnel_is_reset_when_a_new_policy_denies_it() {
     // A new CONNECT is refused outright.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "CONNECT localhost:{port} HTTP/1.1\r\n\r\n").unwrap();
+    write!(s, "CONNECT localhost:{echo} HTTP/1.1\r\n\r\n").unwrap();
     let head = read_until(&mut s, "\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }

@@ -5,7 +5,9 @@
 //! the CONNECT port, `destination.ip` = the first address svidcar resolves and dials); a refusal
 //! is a `403` to the CONNECT. When allowed, svidcar dials, answers `200 Connection Established`,
 //! and if the tunneled bytes start with a TLS ClientHello, decides again with both names
-//! (CONNECT authority and SNI, every name must allow): a refusal then resets the tunnel.
+//! (CONNECT authority and SNI, every name must allow): a refusal then resets the tunnel. If they
+//! are plaintext HTTP/1.x, every request in the tunnel is decided on the CONNECT name and its
+//! `Host` (plus method and path) by [`crate::egress_http`], `403` on denial.
 //! Other requests (absolute-form `GET http://host/…`) are served by [`crate::egress_http`]:
 //! each decided on its URI host, method and path, `403` on denial.
 
@@ -26,6 +28,8 @@ pub const MAX_HEAD: usize = 16 * 1024;
 /// How long to wait for the tunneled TLS ClientHello after `200` (server-first protocols send
 /// nothing and are decided on the CONNECT name alone).
 const SNI_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// After that, how long to wait for a plaintext HTTP request line in the tunnel.
+const HTTP_SNIFF_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A proxy request head, peeked (not consumed).
 struct Head {
@@ -141,7 +145,7 @@ pub async fn handle(
             );
             return respond(&mut app, "503 Service Unavailable", "no identity\n").await;
         };
-        return crate::egress_http::serve(ctx.clone(), app, src, None, own.id.clone()).await;
+        return crate::egress_http::serve(ctx.clone(), app, src, None, own.id.clone(), None).await;
     }
     access.dst = head.target.clone();
     let mut consumed = vec![0u8; head.len];
@@ -230,6 +234,21 @@ pub async fn handle(
         return access.refused(&ctx.metrics, "io_error", "client left before the tunnel");
     }
     let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
+    if sni.is_none() && crate::egress_http::peek_is_http(&app, HTTP_SNIFF_WAIT).await {
+        // Plaintext HTTP in the tunnel: every request decided on the CONNECT name and its Host.
+        ctx.metrics.decision("egress", true, &verdict.rule);
+        drop((open, up));
+        let connect = Some(host.to_string());
+        return crate::egress_http::serve(
+            ctx.clone(),
+            app,
+            src,
+            Some(dst),
+            own.id.clone(),
+            connect,
+        )
+        .await;
+    }
     let (verdict, open) = match sni.as_deref() {
         Some(name) => {
             attrs.sni = Some(name);

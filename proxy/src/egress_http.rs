@@ -52,6 +52,9 @@ struct Conn {
     src: SocketAddr,
     /// `Some`: transparent (original destination); `None`: explicit proxy (absolute-form URI).
     dst: Option<SocketAddr>,
+    /// The CONNECT authority host when this is plaintext HTTP inside a CONNECT tunnel (every
+    /// request is then decided on both names, CONNECT first).
+    connect: Option<String>,
     /// The upstream connection and where it goes.
     upstream: Mutex<Option<(SocketAddr, SendRequest<Incoming>)>>,
 }
@@ -175,7 +178,7 @@ impl Conn {
             destination_id: None,
             sni: None,
             mesh: false,
-            connect: None,
+            connect: self.connect.as_deref(),
             http: Some(EgressHttp {
                 host: host.as_deref(),
                 method: &method,
@@ -193,6 +196,7 @@ impl Conn {
                 src = %self.src,
                 dst = %dst,
                 own_id = self.own.as_str(),
+                connect = self.connect.as_deref().unwrap_or("-"),
                 host = host.as_deref().unwrap_or("-"),
                 method = method.as_str(),
                 path = path.as_str(),
@@ -236,12 +240,14 @@ impl Conn {
 /// Serves one plaintext HTTP/1.x egress connection until either side closes: to the original
 /// destination `dst` (transparent), or, with `None`, as an explicit proxy for absolute-form
 /// `http://` requests (each decided on its URI host and sent to the first resolved address).
+/// `connect`: the CONNECT host when the connection is a CONNECT tunnel carrying plaintext HTTP.
 pub async fn serve(
     ctx: Arc<ProxyContext>,
     app: TcpStream,
     src: SocketAddr,
     dst: Option<SocketAddr>,
     own: SpiffeId,
+    connect: Option<String>,
 ) {
     let idle = ctx.limits.idle_timeout.0;
     let conn = Arc::new(Conn {
@@ -249,6 +255,7 @@ pub async fn serve(
         own,
         src,
         dst,
+        connect,
         upstream: Mutex::new(None),
     });
     let svc = hyper::service::service_fn(move |req| {

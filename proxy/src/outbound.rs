@@ -282,7 +282,8 @@ async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, d
     access.own_id = Some(own.id.clone());
     let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
     if sni.is_none() && crate::egress_http::peek_is_http(&app, HTTP_SNIFF_WAIT).await {
-        return crate::egress_http::serve(ctx.clone(), app, src, Some(dst), own.id.clone()).await;
+        return crate::egress_http::serve(ctx.clone(), app, src, Some(dst), own.id.clone(), None)
+            .await;
     }
     let attrs = EgressAttrs {
         own: &own.id,
