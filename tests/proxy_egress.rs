@@ -198,6 +198,20 @@ fn egress_proxy_decides_connect_then_sni_and_plain_requests() {
         "outcome=\"allowed\"",
     ]);
 
+    // An oversized proxy request head is refused with 431.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let big = "a".repeat(20 * 1024);
+        let _ = write!(
+            s,
+            "CONNECT localhost:{tls_port} HTTP/1.1\r\nX-Big: {big}\r\n\r\n"
+        );
+        let head = read_until(&mut s, "\r\n\r\n").unwrap_or_default();
+        assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    }
+
     // Every decision is counted.
     let m = frontend.metrics();
     assert!(

@@ -495,6 +495,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn egress_proxy_section() {
+        let c = ProxyConfig::from_yaml("egress: {listen: 127.0.0.1:15080}\n").unwrap();
+        assert_eq!(
+            c.egress.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 15080)))
+        );
+        assert_eq!(ProxyConfig::default().egress.listen, None);
+        assert!(ProxyConfig::from_yaml("egress: {listen: nope}\n").is_err());
+        assert!(ProxyConfig::from_yaml("egress: {port: 1}\n").is_err());
+        let text = serde_yaml_ng::to_string(&c).unwrap();
+        assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), c, "{text}");
+    }
+
+    #[test]
     fn parses_flags_yaml_and_cidrs() {
         let i = InboundListener::parse_flag("127.0.0.1:8443=8080:permissive").unwrap();
         assert_eq!((i.app_port, i.mode), (8080, InboundMode::Permissive));
