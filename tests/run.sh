@@ -45,4 +45,7 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "cargo test"
-cargo test --workspace --all-targets --locked -- --test-threads=2
+# Library, binary and integration tests, then doc tests. Benchmarks are compiled by clippy above
+# and run by `benches/compare/run.sh` / `cargo bench`, never as timed tests.
+cargo test --workspace --lib --bins --tests --locked
+cargo test --workspace --doc --locked
