@@ -380,7 +380,7 @@ impl Default for TransparentConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {
-    /// Listen address of the HTTP proxy (loopback, e.g. `127.0.0.1:15080`); none = off.
+    /// Listen address of the HTTP proxy (must be loopback, e.g. `127.0.0.1:15080`); none = off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
 }
@@ -483,6 +483,16 @@ impl ProxyConfig {
         for d in &self.transparent.destinations {
             DstMatch::compile(d)?;
         }
+        if let Some(a) = self.egress.listen {
+            if !a.ip().is_loopback() {
+                return Err(bad(
+                    "egress.listen",
+                    &a.to_string(),
+                    "must be a loopback address (anyone reaching the egress proxy would use this \
+                     workload's egress policy)",
+                ));
+            }
+        }
         if self.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "0", "must be at least 1"));
         }
@@ -504,6 +514,9 @@ mod tests {
         assert_eq!(ProxyConfig::default().egress.listen, None);
         assert!(ProxyConfig::from_yaml("egress: {listen: nope}\n").is_err());
         assert!(ProxyConfig::from_yaml("egress: {port: 1}\n").is_err());
+        let open = ProxyConfig::from_yaml("egress: {listen: 0.0.0.0:15080}\n").unwrap();
+        assert!(open.validate().is_err());
+        assert!(c.validate().is_ok());
         let text = serde_yaml_ng::to_string(&c).unwrap();
         assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), c, "{text}");
     }

@@ -69,8 +69,9 @@ pub struct ProxyCmd {
     /// it the built-in policy admits authenticated peers of our own trust domain.
     #[arg(long, value_name = "PATH")]
     policy: Option<PathBuf>,
-    /// Explicit egress HTTP proxy on ADDR (e.g. `127.0.0.1:15080`) for apps configured with
-    /// `HTTP(S)_PROXY`: `CONNECT host:port` decided by the egress policy (CONNECT name, then SNI).
+    /// Explicit egress HTTP proxy on loopback ADDR (e.g. `127.0.0.1:15080`) for apps configured
+    /// with `HTTP(S)_PROXY`: `CONNECT host:port` decided by the egress policy (CONNECT name, then
+    /// SNI; refused CONNECT = 403), plain `http://` requests decided per request (403).
     #[arg(long = "egress-proxy", value_name = "ADDR")]
     egress_proxy: Option<std::net::SocketAddr>,
     /// Print the effective configuration as YAML and exit.
