@@ -420,7 +420,8 @@ impl Nginx {
         let port = free_port();
         let r = root.display();
         let conf = format!(
-            "worker_processes 1;\npid {r}/nginx.pid;\nerror_log {r}/error.log;\n\
+            // One process (no master/worker pair), so killing the child leaves nothing behind.
+            "master_process off;\npid {r}/nginx.pid;\nerror_log {r}/error.log;\n\
              events {{ worker_connections 256; }}\n\
              http {{\n access_log off;\n client_body_temp_path {r}/cb;\n proxy_temp_path {r}/px;\n\
              fastcgi_temp_path {r}/fc;\n uwsgi_temp_path {r}/uw;\n scgi_temp_path {r}/sc;\n\
