@@ -290,7 +290,7 @@ policies:
 EOF
         start_bg "svidcar server side (L7 policy)" "$d/server-l7.log" "$d/bin/svidcar-server" proxy \
             --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 92)) --policy "$d/policy.yaml" \
-            --inbound "127.0.0.1:$((b + 13))=$B_HTTP:strict"
+            --inbound "127.0.0.1:$((b + 13))=$B_HTTP:strict:http"
         PIDS_svidcar_l7="$LAST_PID"
         l7=(--outbound "127.0.0.1:$((b + 3))=127.0.0.1:$((b + 13)),$SERVER_ID")
     fi
