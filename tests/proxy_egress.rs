@@ -220,6 +220,22 @@ fn egress_proxy_decides_connect_then_sni_and_plain_requests() {
     );
 }
 
+/// An HTTP/1.1 keep-alive server on :8080 answering `path <request target>`.
+const ECHO_PATH_SERVER: &str = "import http.server as h
+class H(h.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        b = ('path ' + self.path + '\\n').encode()
+        self.send_response(200)
+        self.send_header('content-length', str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    do_DELETE = do_GET
+    def log_message(self, *a):
+        pass
+h.ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()
+";
+
 fn curl_nobody(pair: &PodPair, ns: &str, args: &[&str]) -> String {
     let mut cmd = vec![
         "setpriv",
@@ -249,15 +265,10 @@ fn transparent_plaintext_http_egress_decided_per_request() {
     let pair = PodPair::new("eh");
     let (client_ns, external_ns) = (pair.peer.clone(), pair.pod.clone());
     let mesh = Mesh::start("proxy-egress-http", &[]);
-    let www = mesh.dir.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("get"), "external get\n").unwrap();
-    std::fs::write(www.join("admin"), "external admin\n").unwrap();
     let _server = Guard(
         Command::new("ip")
             .args(["netns", "exec", &external_ns, "python3", "-c"])
-            .arg("import http.server as h, functools as f, sys\nh.SimpleHTTPRequestHandler.protocol_version = 'HTTP/1.1'\nh.ThreadingHTTPServer(('0.0.0.0', 8080), f.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[1])).serve_forever()")
-            .arg(&www)
+            .arg(ECHO_PATH_SERVER)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -359,9 +370,17 @@ fn transparent_plaintext_http_egress_decided_per_request() {
             "-w",
             w,
             &get,
+            "--next",
+            "--path-as-is",
+            "-H",
+            "Host: allowed.example",
+            "-w",
+            w,
+            &format!("{base}//x/../get?q=1"),
         ],
     );
-    let expected = "external get\n200 1\nRBAC: access denied403 0\nRBAC: access denied403 0\nRBAC: access denied403 0\nexternal get\n200 0\n";
+    // The last one is evaluated and forwarded as the normalized path (`/get`, query kept).
+    let expected = "path /get\n200 1\nRBAC: access denied403 0\nRBAC: access denied403 0\nRBAC: access denied403 0\npath /get\n200 0\npath /get?q=1\n200 0\n";
     assert_eq!(out, expected, "log:\n{}", frontend.log_text());
     frontend.wait_log(&[
         "direction=\"egress\"",

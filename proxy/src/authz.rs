@@ -130,6 +130,12 @@ pub trait Authorizer: Send + Sync + 'static {
     fn metrics_registry(&self) -> Option<&prometheus_client::registry::Registry> {
         None
     }
+    /// The request path as the policy in force normalizes it (POLICY.md §3: the normalized path
+    /// is what is evaluated and forwarded); `None` = forward as received.
+    fn normalize_path(&self, raw: &str) -> Option<String> {
+        let _ = raw;
+        None
+    }
     /// The effective policy for the admin `/policy` endpoint.
     fn policy_json(&self) -> serde_json::Value {
         serde_json::json!({ "builtin": true, "description": self.describe() })

@@ -211,6 +211,20 @@ impl Conn {
             log("denied", 403, &format!("denied by {}", verdict.rule));
             return text(StatusCode::FORBIDDEN, "RBAC: access denied");
         }
+        if let Some(p) = self.ctx.authz.normalize_path(&path) {
+            // The normalized path is what is forwarded (POLICY.md §3).
+            if p != path {
+                let query = req
+                    .uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                match format!("{p}{query}").parse() {
+                    Ok(uri) => *req.uri_mut() = uri,
+                    Err(_) => return text(StatusCode::BAD_REQUEST, "bad request target\n"),
+                }
+            }
+        }
         let sent = {
             let mut slot = self.upstream.lock().await;
             match self.ready(&mut slot, dst).await {

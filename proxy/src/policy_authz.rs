@@ -225,6 +225,11 @@ impl Authorizer for PolicyAuthorizer {
         Some(&self.registry)
     }
 
+    fn normalize_path(&self, raw: &str) -> Option<String> {
+        let mode = self.active.load_full()?.policy.load().settings().path_normalization;
+        policy::normalize_path(mode, raw).ok()
+    }
+
     fn policy_json(&self) -> serde_json::Value {
         match self.active.load_full() {
             Some(a) => serde_json::json!({
