@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use crate::agent::attest::{self, Workload};
 use crate::agent::ca::IssuedSvid;
 use crate::agent::config::AgentConfig;
-use crate::agent::entries::{self, Entry};
+use crate::agent::entries::Entry;
 use crate::agent::health::Metrics;
 use crate::agent::{AgentError, TrustState};
 use crate::bundle::Bundle;
@@ -84,30 +84,7 @@ impl WorkloadApi {
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|i| i.peer_cred);
-        async move {
-            let workload = attest::caller::attest_caller(cred, &self.config)
-                .await
-                .map_err(|e| {
-                    self.metrics.attestation_failed(e.reason());
-                    tracing::warn!(error = %e, "attestation failed");
-                    Status::permission_denied(format!("caller could not be attested: {e}"))
-                })?;
-            let mut matched: Vec<Entry> =
-                entries::matching(&self.config.entries, &workload.selectors)
-                    .into_iter()
-                    .cloned()
-                    .collect();
-            attest::caller::add_auto_identity(&self.config, &workload, &mut matched);
-            if matched.is_empty() {
-                self.metrics.no_entry.inc();
-                tracing::info!(pid = workload.pid, selectors = ?workload.selectors,
-                    "no registration entry matches the caller");
-                return Err(Status::permission_denied(
-                    "no identity issued: no registration entry matches the caller",
-                ));
-            }
-            Ok((workload, matched))
-        }
+        async move { attest::caller::entitled(cred, &self.config, &self.metrics, "").await }
     }
 
     fn stop_rx(&self) -> watch::Receiver<bool> {

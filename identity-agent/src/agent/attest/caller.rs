@@ -7,7 +7,8 @@ use tokio::net::unix::UCred;
 
 use super::{unix, AttestError, Workload};
 use crate::agent::config::AgentConfig;
-use crate::agent::entries::Entry;
+use crate::agent::entries::{self, Entry};
+use crate::agent::health::Metrics;
 
 /// Attests the caller: unix selectors, plus `k8s:` selectors when Kubernetes attestation is
 /// on. The process's start time is read before and after, so a pid reused while the kubelet
@@ -31,6 +32,38 @@ pub async fn attest_caller(
     }
     workload.selectors.extend(k8s_selectors);
     Ok(workload)
+}
+
+/// The rule both socket APIs (Workload API and SDS) apply to every call: attest the caller,
+/// then collect the entries matching its selectors (plus the automatic Kubernetes identity).
+/// A failed attestation or no matching entry is counted, logged (messages start with
+/// `log_prefix`) and answered `PERMISSION_DENIED`.
+#[allow(clippy::result_large_err)]
+pub async fn entitled(
+    cred: Option<UCred>,
+    config: &AgentConfig,
+    metrics: &Metrics,
+    log_prefix: &str,
+) -> Result<(Workload, Vec<Entry>), tonic::Status> {
+    let workload = attest_caller(cred, config).await.map_err(|e| {
+        metrics.attestation_failed(e.reason());
+        tracing::warn!(error = %e, "{log_prefix}attestation failed");
+        tonic::Status::permission_denied(format!("caller could not be attested: {e}"))
+    })?;
+    let mut matched: Vec<Entry> = entries::matching(&config.entries, &workload.selectors)
+        .into_iter()
+        .cloned()
+        .collect();
+    add_auto_identity(config, &workload, &mut matched);
+    if matched.is_empty() {
+        metrics.no_entry.inc();
+        tracing::info!(pid = workload.pid, selectors = ?workload.selectors,
+            "{log_prefix}no registration entry matches the caller");
+        return Err(tonic::Status::permission_denied(
+            "no identity issued: no registration entry matches the caller",
+        ));
+    }
+    Ok((workload, matched))
 }
 
 /// Appends the automatic `spiffe://<td>/ns/<ns>/sa/<sa>` entry when enabled and the workload
