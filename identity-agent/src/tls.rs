@@ -95,7 +95,8 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn algorithms() -> WebPkiSupportedAlgorithms {
+/// The handshake-signature algorithms of [`provider`], for every verifier of the workspace.
+pub(crate) fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
 }
 
@@ -103,17 +104,25 @@ fn cert_error(e: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
+/// SVIDs are only spoken over TLS 1.3: both SPIFFE verifiers refuse TLS 1.2 signatures.
+fn refuse_tls12() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::General(
+        "TLS 1.2 is not supported by svidcar".into(),
+    ))
+}
+
+/// Verifies the peer's chain as an SVID for `role`; a refusal reads as a certificate error.
 fn verify_peer(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     bundles: &BundleSet,
     now: UnixTime,
     role: svid::PeerRole,
-) -> Result<SpiffeId, SvidError> {
+) -> Result<SpiffeId, rustls::Error> {
     let mut chain = Vec::with_capacity(1 + intermediates.len());
     chain.push(end_entity.clone());
     chain.extend(intermediates.iter().cloned());
-    svid::verify_chain_for(&chain, bundles, now, role)
+    svid::verify_chain_for(&chain, bundles, now, role).map_err(|e| cert_error(TlsError::Svid(e)))
 }
 
 /// Outbound verifier: SPIFFE chain validation plus the expected server identity.
@@ -144,14 +153,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = verify_peer(
-            end_entity,
-            intermediates,
-            &self.bundles,
-            now,
-            svid::PeerRole::Server,
-        )
-        .map_err(|e| cert_error(TlsError::Svid(e)))?;
+        let role = svid::PeerRole::Server;
+        let id = verify_peer(end_entity, intermediates, &self.bundles, now, role)?;
         if !self.expected.matches(&id) {
             return Err(cert_error(TlsError::UnexpectedPeer {
                 expected: self.expected.clone(),
@@ -167,9 +170,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "TLS 1.2 is not supported by svidcar".into(),
-        ))
+        refuse_tls12()
     }
 
     fn verify_tls13_signature(
@@ -223,14 +224,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_peer(
-            end_entity,
-            intermediates,
-            &self.bundles,
-            now,
-            svid::PeerRole::Client,
-        )
-        .map_err(|e| cert_error(TlsError::Svid(e)))?;
+        let role = svid::PeerRole::Client;
+        verify_peer(end_entity, intermediates, &self.bundles, now, role)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -240,9 +235,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "TLS 1.2 is not supported by svidcar".into(),
-        ))
+        refuse_tls12()
     }
 
     fn verify_tls13_signature(
