@@ -113,6 +113,11 @@ fn http_port_decides_per_request_with_403() {
         conn.get("/public//b").unwrap(),
         (200, "hello from app\n".to_string())
     );
+    // The normalized path is what is forwarded (POLICY.md §3), the query kept.
+    assert_eq!(
+        conn.get("/public/./x/..//echo?q=1").unwrap(),
+        (200, "/public/echo?q=1\n".to_string())
+    );
     let line = backend.wait_log(&["request denied", "path=/secret"]);
     assert!(line.contains("rule=default:deny(implicit)"), "{line}");
     backend.wait_log(&[

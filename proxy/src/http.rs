@@ -186,7 +186,15 @@ async fn one_request(
         return denied(grpc);
     }
     let (mut parts, body) = req.into_parts();
-    let uri = format!("http://127.0.0.1:{}{}", facts.app_port, path);
+    // The normalized path is what is evaluated and forwarded (POLICY.md §3), query kept.
+    let uri = match authz.normalize_path(&path) {
+        Some(p) => format!(
+            "http://127.0.0.1:{}{p}{}",
+            facts.app_port,
+            crate::policy::query_part(&path)
+        ),
+        None => format!("http://127.0.0.1:{}{}", facts.app_port, path),
+    };
     parts.uri = match uri.parse() {
         Ok(u) => u,
         Err(e) => return bad_gateway(format!("bad request target: {e}")),

@@ -380,6 +380,9 @@ fn serve_http(s: TcpStream, body: &str) {
     loop {
         let mut close = false;
         let mut first = true;
+        // A request target containing `/echo` gets the target back as the body (what the
+        // proxy forwarded); every other request gets `body`.
+        let mut echo = None;
         loop {
             let mut line = String::new();
             match r.read_line(&mut line) {
@@ -389,11 +392,18 @@ fn serve_http(s: TcpStream, body: &str) {
             if line.trim_end().is_empty() && !first {
                 break;
             }
+            if first {
+                let target = line.split_whitespace().nth(1).unwrap_or("");
+                if target.contains("/echo") {
+                    echo = Some(format!("{target}\n"));
+                }
+            }
             first = false;
             if line.to_ascii_lowercase().starts_with("connection: close") {
                 close = true;
             }
         }
+        let body = echo.as_deref().unwrap_or(body);
         let resp = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
