@@ -226,7 +226,13 @@ impl Authorizer for PolicyAuthorizer {
     }
 
     fn normalize_path(&self, raw: &str) -> Option<String> {
-        let mode = self.active.load_full()?.policy.load().settings().path_normalization;
+        let mode = self
+            .active
+            .load_full()?
+            .policy
+            .load()
+            .settings()
+            .path_normalization;
         policy::normalize_path(mode, raw).ok()
     }
 
