@@ -90,6 +90,38 @@ impl WorkloadApi {
     fn stop_rx(&self) -> watch::Receiver<bool> {
         self.stop.clone()
     }
+
+    /// A bundles stream for a caller entitled to `matched`: sent at once, then on every bundle
+    /// change; `make` builds a message from the state and the trust domains the caller may see.
+    fn bundles_stream<T: Send + 'static>(
+        &self,
+        matched: &[Entry],
+        make: impl Fn(&TrustState, &Option<BTreeSet<TrustDomain>>) -> T + Send + 'static,
+    ) -> ReceiverStream<Result<T, Status>> {
+        let allowed = federated_for(matched);
+        let (mut state, metrics, mut stop) =
+            (self.state.clone(), self.metrics.clone(), self.stop_rx());
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let _guard = StreamGuard::new(&metrics);
+            let mut sent_version = 0;
+            loop {
+                let st = state.borrow_and_update().clone();
+                if st.bundles_version != sent_version {
+                    if tx.send(Ok(make(&st, &allowed))).await.is_err() {
+                        return;
+                    }
+                    sent_version = st.bundles_version;
+                }
+                tokio::select! {
+                    r = state.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
 }
 
 /// Foreign trust domains this set of entries may see: the union of their `federates_with`,
@@ -246,32 +278,6 @@ async fn x509_stream(
     }
 }
 
-/// A bundles stream: send at once, then on every bundle change.
-async fn bundles_stream<T: Send + 'static>(
-    mut state: watch::Receiver<Arc<TrustState>>,
-    metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-    tx: Sender<T>,
-    make: impl Fn(&TrustState) -> T,
-) {
-    let _guard = StreamGuard::new(&metrics);
-    let mut sent_version = 0;
-    loop {
-        let st = state.borrow_and_update().clone();
-        if st.bundles_version != sent_version {
-            if tx.send(Ok(make(&st))).await.is_err() {
-                return;
-            }
-            sent_version = st.bundles_version;
-        }
-        tokio::select! {
-            r = state.changed() => if r.is_err() { return },
-            _ = tx.closed() => return,
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
@@ -301,19 +307,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let (_, matched) = self.entitled(&req).await?;
-        let allowed = federated_for(&matched);
-        let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(bundles_stream(
-            self.state.clone(),
-            self.metrics.clone(),
-            self.stop_rx(),
-            tx,
-            move |st| X509BundlesResponse {
+        Ok(Response::new(self.bundles_stream(
+            &matched,
+            |st, allowed| X509BundlesResponse {
                 crl: Vec::new(),
-                bundles: bundles_map(st, &allowed, true),
+                bundles: bundles_map(st, allowed, true),
             },
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        )))
     }
 
     async fn fetch_jwt_bundles(
@@ -321,18 +321,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let (_, matched) = self.entitled(&req).await?;
-        let allowed = federated_for(&matched);
-        let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(bundles_stream(
-            self.state.clone(),
-            self.metrics.clone(),
-            self.stop_rx(),
-            tx,
-            move |st| JwtBundlesResponse {
-                bundles: bundles_map(st, &allowed, false),
+        Ok(Response::new(self.bundles_stream(
+            &matched,
+            |st, allowed| JwtBundlesResponse {
+                bundles: bundles_map(st, allowed, false),
             },
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        )))
     }
 
     async fn fetch_jwtsvid(
