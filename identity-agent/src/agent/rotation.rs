@@ -384,14 +384,21 @@ impl CaSet {
 mod tests {
     use super::*;
 
-    #[test]
-    fn schedule_prepares_then_activates_and_keeps_old_root() {
-        let dir = std::env::temp_dir().join(format!("svidcar-rot-{}", std::process::id()));
+    const TTL: Duration = Duration::from_secs(600);
+
+    /// A fresh state directory (`svidcar-<name>-<pid>`) and a CA set loaded into it at `t0`.
+    fn fresh_set(name: &str) -> (PathBuf, TrustDomain, SystemTime, CaSet) {
+        let dir = std::env::temp_dir().join(format!("svidcar-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let td = TrustDomain::parse("example.org").unwrap();
-        let ttl = Duration::from_secs(600);
         let t0 = SystemTime::now();
-        let mut set = CaSet::load(&CaSource::Embedded, &td, ttl, &dir, t0).unwrap();
+        let set = CaSet::load(&CaSource::Embedded, &td, TTL, &dir, t0).unwrap();
+        (dir, td, t0, set)
+    }
+
+    #[test]
+    fn schedule_prepares_then_activates_and_keeps_old_root() {
+        let (dir, td, t0, mut set) = fresh_set("rot");
         let first = set.active().cert.clone();
         assert_eq!(set.bundle_authorities(), vec![first.clone()]);
         // Half life (+ backdate): next root published, not active.
@@ -408,7 +415,7 @@ mod tests {
         let again = CaSet::load(
             &CaSource::Embedded,
             &td,
-            ttl,
+            TTL,
             &dir,
             t0 + Duration::from_secs(506),
         )
@@ -423,12 +430,7 @@ mod tests {
 
     #[test]
     fn never_activates_a_root_in_the_tick_that_published_it_and_survives_downtime() {
-        let dir = std::env::temp_dir().join(format!("svidcar-rot2-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let td = TrustDomain::parse("example.org").unwrap();
-        let ttl = Duration::from_secs(600);
-        let t0 = SystemTime::now();
-        let mut set = CaSet::load(&CaSource::Embedded, &td, ttl, &dir, t0).unwrap();
+        let (dir, td, t0, mut set) = fresh_set("rot2");
         let first = set.active().cert.clone();
         // Late tick (both deadlines passed): publish only.
         assert!(set.tick(t0 + Duration::from_secs(550)).unwrap());
@@ -441,7 +443,7 @@ mod tests {
         assert_ne!(set.active().cert, first);
         // Downtime beyond every CA: a fresh root at once, expired ones gone.
         let late = t0 + Duration::from_secs(5000);
-        let set = CaSet::load(&CaSource::Embedded, &td, ttl, &dir, late).unwrap();
+        let set = CaSet::load(&CaSource::Embedded, &td, TTL, &dir, late).unwrap();
         assert!(set.active().not_after > late);
         assert_eq!(set.bundle_authorities().len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
