@@ -177,8 +177,16 @@ async fn sample_app(listener: TcpListener) {
     }
 }
 
+/// Plain `GET /` over TCP; the whole answer.
 async fn http_get(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
+    get_on(TcpStream::connect(addr).await?).await
+}
+
+/// `GET /` with `Connection: close` on an open stream; the whole answer (10 s at most).
+async fn get_on<S>(mut s: S) -> anyhow::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     s.write_all(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
         .await?;
     let mut resp = String::new();
@@ -201,23 +209,10 @@ async fn tls_without_client_cert(
     config.alpn_protocols = vec![svidcar_agent::tls::ALPN_SVIDCAR.to_vec()];
     let tcp = TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await?;
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut resp = String::new();
-    tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut resp)).await??;
-    Ok(resp)
-}
-
-async fn plaintext_to(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut resp = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut resp)).await??;
-    Ok(resp)
+    get_on(tls).await
 }
 
 /// The last access-log reason in a sidecar log.
@@ -247,6 +242,43 @@ fn metric(admin: SocketAddr, needle: &str) -> String {
 
 fn step(n: u32, text: impl std::fmt::Display) {
     println!("[{n}] {text}");
+}
+
+/// Step `n` for a call the backend sidecar must refuse: `REFUSED  {call} (why); sidecar
+/// reason: …` when it failed or got no answer, `UNEXPECTED: {caller} got …` when it was
+/// answered. True when refused.
+fn expect_refused(
+    n: u32,
+    result: anyhow::Result<String>,
+    caller: &str,
+    call: &str,
+    backend_log: &Path,
+) -> bool {
+    match result {
+        Ok(resp) if !resp.is_empty() => {
+            step(
+                n,
+                format!("UNEXPECTED: {caller} got {:?}", resp.lines().next()),
+            );
+            false
+        }
+        r => {
+            // Give the sidecar time to log the refusal.
+            std::thread::sleep(Duration::from_millis(200));
+            let why = r
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "closed".into());
+            step(
+                n,
+                format!(
+                    "REFUSED  {call} ({why}); sidecar reason: {}",
+                    last_reason(backend_log)
+                ),
+            );
+            true
+        }
+    }
 }
 
 impl DemoCmd {
@@ -417,56 +449,33 @@ impl DemoCmd {
         });
         let backend = SpiffeId::parse(&backend_id)?;
         match ctx {
-            Ok(ctx) => match rt.block_on(tls_without_client_cert(
-                inbound,
-                Arc::new(ctx.bundles),
-                &backend,
-            )) {
-                Ok(resp) if !resp.is_empty() => {
-                    ok = false;
-                    step(
-                        6,
-                        format!(
-                            "UNEXPECTED: TLS client without a certificate got {:?}",
-                            resp.lines().next()
-                        ),
-                    );
-                }
-                r => {
-                    std::thread::sleep(Duration::from_millis(200));
-                    let why = r
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "closed".into());
-                    step(6, format!("REFUSED  TLS client without a client certificate -> backend sidecar ({why}); sidecar reason: {}", last_reason(&backend_log)));
-                }
-            },
+            Ok(ctx) => {
+                let r = rt.block_on(tls_without_client_cert(
+                    inbound,
+                    Arc::new(ctx.bundles),
+                    &backend,
+                ));
+                ok &= expect_refused(
+                    6,
+                    r,
+                    "TLS client without a certificate",
+                    "TLS client without a client certificate -> backend sidecar",
+                    &backend_log,
+                );
+            }
             Err(e) => step(
                 6,
                 format!("(skipped the no-certificate call: demo could not fetch the bundle: {e})"),
             ),
         }
 
-        match rt.block_on(plaintext_to(inbound)) {
-            Ok(resp) if !resp.is_empty() => {
-                ok = false;
-                step(
-                    7,
-                    format!(
-                        "UNEXPECTED: plaintext on the strict port got {:?}",
-                        resp.lines().next()
-                    ),
-                );
-            }
-            r => {
-                std::thread::sleep(Duration::from_millis(200));
-                let why = r
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "closed".into());
-                step(7, format!("REFUSED  plaintext HTTP -> backend sidecar strict port ({why}); sidecar reason: {}", last_reason(&backend_log)));
-            }
-        }
+        ok &= expect_refused(
+            7,
+            rt.block_on(http_get(inbound)),
+            "plaintext on the strict port",
+            "plaintext HTTP -> backend sidecar strict port",
+            &backend_log,
+        );
         // A valid mesh identity of our own trust domain that the backend's policy does not allow.
         let (intruder_port, intruder_admin) = (
             free_port()?,
@@ -489,26 +498,13 @@ impl DemoCmd {
             &dir.join("intruder-proxy.log"),
         )?;
         wait_ready("intruder-proxy", intruder_admin, &mut procs)?;
-        match rt.block_on(http_get(([127, 0, 0, 1], intruder_port).into())) {
-            Ok(resp) if !resp.is_empty() => {
-                ok = false;
-                step(
-                    8,
-                    format!(
-                        "UNEXPECTED: spiffe://{TD}/intruder got {:?}",
-                        resp.lines().next()
-                    ),
-                );
-            }
-            r => {
-                std::thread::sleep(Duration::from_millis(200));
-                let why = r
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "closed".into());
-                step(8, format!("REFUSED  spiffe://{TD}/intruder (valid mTLS, not allowed by policy frontend-only) -> backend sidecar ({why}); sidecar reason: {}", last_reason(&backend_log)));
-            }
-        }
+        ok &= expect_refused(
+            8,
+            rt.block_on(http_get(([127, 0, 0, 1], intruder_port).into())),
+            &format!("spiffe://{TD}/intruder"),
+            &format!("spiffe://{TD}/intruder (valid mTLS, not allowed by policy frontend-only) -> backend sidecar"),
+            &backend_log,
+        );
         step(
             9,
             format!(
