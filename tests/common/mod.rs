@@ -193,22 +193,7 @@ impl Agent {
 
     /// SIGTERM and wait (graceful shutdown); returns the exit status success.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return true;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = child.try_wait() {
-                return st.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
+        terminate(self.child.take(), Duration::from_secs(10))
     }
 
     /// Kills without cleanup (SIGKILL), leaving a stale socket file.
@@ -234,4 +219,25 @@ pub fn svidcar(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// SIGTERM `child` (if any) and wait up to `grace` for it to exit, then SIGKILL; true when
+/// it exited successfully within `grace` (or there was no child).
+pub fn terminate(child: Option<Child>, grace: Duration) -> bool {
+    let Some(mut child) = child else {
+        return true;
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st.success();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
 }
