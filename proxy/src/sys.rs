@@ -31,23 +31,7 @@ pub fn original_dst(sock: &impl AsRawFd, is_v6: bool) -> io::Result<SocketAddr> 
 
 fn original_dst_family(fd: RawFd, is_v6: bool) -> io::Result<SocketAddr> {
     if is_v6 {
-        let mut addr = MaybeUninit::<libc::sockaddr_in6>::zeroed();
-        let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        // SAFETY: fd is a live socket; addr points to a sockaddr_in6 of `len` bytes.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IPV6,
-                SO_ORIGINAL_DST,
-                addr.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel filled the struct (rc == 0); it was zero-initialized anyway.
-        let a = unsafe { addr.assume_init() };
+        let a: libc::sockaddr_in6 = getsockopt_original_dst(fd)?;
         let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
         Ok(SocketAddr::V6(SocketAddrV6::new(
             ip,
@@ -56,29 +40,49 @@ fn original_dst_family(fd: RawFd, is_v6: bool) -> io::Result<SocketAddr> {
             a.sin6_scope_id,
         )))
     } else {
-        let mut addr = MaybeUninit::<libc::sockaddr_in>::zeroed();
-        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: fd is a live socket; addr points to a sockaddr_in of `len` bytes.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IP,
-                SO_ORIGINAL_DST,
-                addr.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel filled the struct (rc == 0); it was zero-initialized anyway.
-        let a = unsafe { addr.assume_init() };
+        let a: libc::sockaddr_in = getsockopt_original_dst(fd)?;
         let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
         Ok(SocketAddr::V4(SocketAddrV4::new(
             ip,
             u16::from_be(a.sin_port),
         )))
     }
+}
+
+/// The kernel address structs `SO_ORIGINAL_DST` answers with, and the socket level to ask at.
+/// Implemented only for plain C structs for which all-zero bytes are a valid value.
+trait OriginalDstStruct: Copy {
+    const LEVEL: libc::c_int;
+}
+
+impl OriginalDstStruct for libc::sockaddr_in {
+    const LEVEL: libc::c_int = libc::SOL_IP;
+}
+
+impl OriginalDstStruct for libc::sockaddr_in6 {
+    const LEVEL: libc::c_int = libc::SOL_IPV6;
+}
+
+/// `getsockopt(fd, T::LEVEL, SO_ORIGINAL_DST)` into a zeroed `T`.
+fn getsockopt_original_dst<T: OriginalDstStruct>(fd: RawFd) -> io::Result<T> {
+    let mut addr = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: fd is a live socket; addr points to a T of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            T::LEVEL,
+            SO_ORIGINAL_DST,
+            addr.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the struct (rc == 0); it was zero-initialized anyway, and
+    // all-zero bytes are a valid `T` (see `OriginalDstStruct`).
+    Ok(unsafe { addr.assume_init() })
 }
 
 /// A non-blocking kernel pipe (read end, write end) used as the splice buffer.
