@@ -40,6 +40,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, grpc, envo
 fi
 
 # --- rust -------------------------------------------------------------------------------------
+say "cargo deny (licenses, bans, sources; advisories need the RustSec database online)"
+command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --locked --quiet </dev/null
+cargo deny --all-features check licenses bans sources
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
