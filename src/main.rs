@@ -39,6 +39,8 @@ enum Command {
     Agent(cli::agent::AgentCmd),
     /// Work with SVIDs through the Workload API (like `spire-agent api fetch`).
     Svid(cli::agent::SvidCmd),
+    /// Offline upstream CA for multi-node trust: create a root, issue per-node intermediates.
+    Ca(cli::ca::CaCmd),
     /// Run the sidecar proxy (inbound/outbound mTLS, policy, admin).
     Proxy(cli::proxy::ProxyCmd),
     /// Check or lint authorization policy files offline.
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(cmd) => cmd.run(),
         Command::Svid(cmd) => cmd.run(),
+        Command::Ca(cmd) => cmd.run(),
         Command::Proxy(cmd) => cmd.run(),
         Command::Policy(cmd) => cmd.run(),
         Command::Demo(cmd) => cmd.run(),

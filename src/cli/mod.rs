@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod agent_federation;
 pub mod agent_k8s;
+pub mod ca;
 pub mod demo;
 pub mod init;
 pub mod inject;

@@ -20,6 +20,7 @@ pub mod health;
 pub mod rotation;
 pub mod sds;
 pub mod sds_resources;
+pub mod upstream_ca;
 pub mod workload_api;
 
 use std::collections::BTreeMap;

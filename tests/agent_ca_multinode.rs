@@ -1,0 +1,164 @@
+//! Multi-node trust with `svidcar ca`: one offline root, one intermediate per node, two real
+//! agents in the same trust domain; each node's SVIDs verify against the other node's bundle.
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{uid, Agent, TempDir, BIN};
+use rustls::pki_types::UnixTime;
+use svidcar_agent::client::{WorkloadApiClient, X509Context};
+use svidcar_agent::svid::verify_chain;
+
+const TD: &str = "multinode.example";
+
+fn svidcar(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run svidcar")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = svidcar(args);
+    assert!(
+        out.status.success(),
+        "svidcar {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+async fn context(agent: &Agent) -> X509Context {
+    WorkloadApiClient::connect(&agent.socket)
+        .await
+        .unwrap()
+        .fetch_x509_context()
+        .await
+        .unwrap()
+}
+
+fn start_node(base: &Path, nodes: &Path, node: &str) -> Agent {
+    let dir = base.join(node);
+    std::fs::create_dir_all(&dir).unwrap();
+    let entry = format!("spiffe://{TD}/{node}/app=unix:uid:{}", uid());
+    Agent::start_in(
+        &dir,
+        &[
+            "--trust-domain",
+            TD,
+            "--upstream-cert",
+            s(&nodes.join(format!("{node}-cert.pem"))),
+            "--upstream-key",
+            s(&nodes.join(format!("{node}-key.pem"))),
+            "--upstream-bundle",
+            s(&nodes.join("root-cert.pem")),
+            "--entry",
+            &entry,
+        ],
+    )
+}
+
+#[tokio::test]
+async fn two_nodes_share_one_trust_domain() {
+    let dir = TempDir::new("ca-multinode");
+    let root_dir = dir.path().join("root");
+    let nodes = dir.path().join("nodes");
+    ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_dir)]);
+    assert_eq!(mode(&root_dir), 0o700);
+    assert_eq!(mode(&root_dir.join("root-key.pem")), 0o600);
+    for node in ["node-a", "node-b"] {
+        let out = ok(&[
+            "ca",
+            "issue",
+            "--root-dir",
+            s(&root_dir),
+            "--trust-domain",
+            TD,
+            "--node",
+            node,
+            "--out",
+            s(&nodes),
+            "--ttl",
+            "2d",
+        ]);
+        assert!(!out.contains("PRIVATE KEY"), "keys are never printed");
+        assert_eq!(mode(&nodes.join(format!("{node}-key.pem"))), 0o600);
+    }
+    assert_eq!(mode(&nodes), 0o700);
+
+    let a = start_node(dir.path(), &nodes, "node-a");
+    let b = start_node(dir.path(), &nodes, "node-b");
+    let (ctx_a, ctx_b) = (context(&a).await, context(&b).await);
+    let root = std::fs::read_to_string(root_dir.join("root-cert.pem")).unwrap();
+    for (ctx, other, node) in [(&ctx_a, &ctx_b, "node-a"), (&ctx_b, &ctx_a, "node-b")] {
+        let svid = &ctx.svids[0];
+        assert_eq!(svid.chain.len(), 2, "leaf + the node's intermediate");
+        let bundle = other
+            .bundles
+            .get_by_name(TD)
+            .expect("the other node's bundle");
+        assert_eq!(bundle.x509_authorities.len(), 1, "the shared root only");
+        assert_eq!(
+            svidcar_agent::client::to_pem("CERTIFICATE", &bundle.x509_authorities[0]),
+            root,
+            "the bundle is the root from `svidcar ca init`"
+        );
+        let id = verify_chain(&svid.chain, &other.bundles, UnixTime::now())
+            .unwrap_or_else(|e| panic!("{node}'s SVID against the other node's bundle: {e}"));
+        assert_eq!(id.as_str(), format!("spiffe://{TD}/{node}/app"));
+    }
+    // The two nodes sign with different intermediates.
+    assert_ne!(ctx_a.svids[0].chain[1], ctx_b.svids[0].chain[1]);
+}
+
+#[test]
+fn issue_refuses_another_trust_domain_and_overwrites() {
+    let dir = TempDir::new("ca-multinode-refuse");
+    let root_dir = dir.path().join("root");
+    let nodes = dir.path().join("nodes");
+    ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_dir)]);
+    let issue = |td: &str, extra: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "issue",
+            "--root-dir",
+            s(&root_dir),
+            "--trust-domain",
+            td,
+            "--node",
+            "n1",
+            "--out",
+            s(&nodes),
+        ];
+        args.extend_from_slice(extra);
+        svidcar(&args)
+    };
+    let out = issue("other.example", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the root is for \"multinode.example\", not \"other.example\""),
+        "{err}"
+    );
+    assert!(!nodes.join("n1-key.pem").exists(), "nothing written");
+
+    assert!(issue(TD, &[]).status.success());
+    let key = std::fs::read(nodes.join("n1-key.pem")).unwrap();
+    let out = issue(TD, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(nodes.join("n1-key.pem")).unwrap(), key);
+    assert!(issue(TD, &["--force"]).status.success());
+    assert_ne!(std::fs::read(nodes.join("n1-key.pem")).unwrap(), key);
+    assert_eq!(mode(&nodes.join("n1-key.pem")), 0o600);
+
+    let again = svidcar(&["ca", "init", "--trust-domain", TD, "--out", s(&root_dir)]);
+    assert!(!again.status.success(), "init never overwrites a root");
+}
