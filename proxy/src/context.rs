@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::authz::Authorizer;
+use crate::authz::{Authorizer, Verdict};
 use crate::config::Limits;
 use crate::copy::{CopyEnd, CopyStats};
 use crate::credentials::Credentials;
@@ -135,6 +135,23 @@ impl Access {
             duration_ms = self.start.elapsed().as_millis() as u64,
             "connection refused"
         );
+    }
+
+    /// Logs a connection refused because no valid SVID is held.
+    pub fn refused_no_identity(&self, metrics: &Metrics) {
+        self.refused(
+            metrics,
+            "no_identity",
+            "no valid SVID held (agent unreachable and SVID expired?)",
+        );
+    }
+
+    /// Records a policy decision (rule and decision metric, policy direction `dir`); returns
+    /// whether it allows the connection.
+    pub fn decided(&mut self, metrics: &Metrics, dir: &'static str, verdict: &Verdict) -> bool {
+        self.rule = Some(verdict.rule.clone());
+        metrics.decision(dir, verdict.allow, &verdict.rule);
+        verdict.allow
     }
 
     /// Logs and counts the reset of an open connection that a new policy denies (POLICY.md §6).

@@ -138,11 +138,7 @@ pub async fn handle(
     };
     if head.method != "CONNECT" {
         let Some(own) = ctx.creds.current() else {
-            access.refused(
-                &ctx.metrics,
-                "no_identity",
-                "no valid SVID held (agent unreachable and SVID expired?)",
-            );
+            access.refused_no_identity(&ctx.metrics);
             return respond(&mut app, "503 Service Unavailable", "no identity\n").await;
         };
         return crate::egress_http::serve(ctx.clone(), app, src, None, own.id.clone(), None).await;
@@ -162,11 +158,7 @@ pub async fn handle(
         .await;
     };
     let Some(own) = ctx.creds.current() else {
-        access.refused(
-            &ctx.metrics,
-            "no_identity",
-            "no valid SVID held (agent unreachable and SVID expired?)",
-        );
+        access.refused_no_identity(&ctx.metrics);
         return respond(&mut app, "503 Service Unavailable", "no identity\n").await;
     };
     access.own_id = Some(own.id.clone());
@@ -256,9 +248,7 @@ pub async fn handle(
         }
         None => (verdict, open),
     };
-    ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
-    access.rule = Some(verdict.rule.clone());
-    if !verdict.allow {
+    if !access.decided(&ctx.metrics, "egress", &verdict) {
         let sni = sni.unwrap_or_default();
         access.refused(
             &ctx.metrics,

@@ -142,11 +142,7 @@ pub async fn handle(
         }
         Detected::Plaintext => {
             let Some(own) = own else {
-                access.refused(
-                    &ctx.metrics,
-                    "no_identity",
-                    "no valid SVID held (agent unreachable and SVID expired?)",
-                );
+                access.refused_no_identity(&ctx.metrics);
                 return reset(stream);
             };
             if protocol == Protocol::Http {
@@ -169,9 +165,7 @@ pub async fn handle(
                 tls: false,
             };
             let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
-            access.rule = Some(verdict.rule.clone());
-            ctx.metrics.decision(DIR, verdict.allow, &verdict.rule);
-            if !verdict.allow {
+            if !access.decided(&ctx.metrics, DIR, &verdict) {
                 access.refused(&ctx.metrics, "denied", "denied by policy");
                 return reset(stream);
             }
@@ -186,11 +180,7 @@ pub async fn handle(
         }
         Detected::Tls => {
             let Some(own) = own else {
-                access.refused(
-                    &ctx.metrics,
-                    "no_identity",
-                    "no valid SVID held (agent unreachable and SVID expired?)",
-                );
+                access.refused_no_identity(&ctx.metrics);
                 return reset(stream);
             };
             let acceptor = TlsAcceptor::from(own.server.clone());
@@ -247,9 +237,7 @@ pub async fn handle(
                 tls: true,
             };
             let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
-            access.rule = Some(verdict.rule.clone());
-            ctx.metrics.decision(DIR, verdict.allow, &verdict.rule);
-            if !verdict.allow {
+            if !access.decided(&ctx.metrics, DIR, &verdict) {
                 access.refused(
                     &ctx.metrics,
                     "denied",

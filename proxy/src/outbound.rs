@@ -168,11 +168,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
     expect: &ExpectedPeer,
 ) {
     let Some(own) = ctx.creds.current() else {
-        access.refused(
-            &ctx.metrics,
-            "no_identity",
-            "no valid SVID held (agent unreachable and SVID expired?)",
-        );
+        access.refused_no_identity(&ctx.metrics);
         return reset(app);
     };
     access.own_id = Some(own.id.clone());
@@ -192,9 +188,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         http: None,
     };
     let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
-    ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
-    access.rule = Some(verdict.rule.clone());
-    if !verdict.allow {
+    if !access.decided(&ctx.metrics, "egress", &verdict) {
         access.refused(
             &ctx.metrics,
             "denied",
@@ -272,11 +266,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
 async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let mut access = Access::new("egress", src, dst.to_string());
     let Some(own) = ctx.creds.current() else {
-        access.refused(
-            &ctx.metrics,
-            "no_identity",
-            "no valid SVID held (agent unreachable and SVID expired?)",
-        );
+        access.refused_no_identity(&ctx.metrics);
         return reset(app);
     };
     access.own_id = Some(own.id.clone());
@@ -297,9 +287,7 @@ async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, d
         http: None,
     };
     let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
-    ctx.metrics.decision("egress", verdict.allow, &verdict.rule);
-    access.rule = Some(verdict.rule.clone());
-    if !verdict.allow {
+    if !access.decided(&ctx.metrics, "egress", &verdict) {
         let what = sni.map(|s| format!(" (SNI {s})")).unwrap_or_default();
         access.refused(
             &ctx.metrics,
