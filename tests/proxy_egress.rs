@@ -11,8 +11,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{is_root, run, PodPair};
-use common::proxy::{Mesh, Sidecar, TestApp};
+use common::netns::{is_root, redirect_app_outbound, PodPair};
+use common::proxy::{Mesh, TestApp};
 use common::{free_port, skip, which};
 
 struct Guard(Child);
@@ -237,18 +237,9 @@ h.ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()
 ";
 
 fn curl_nobody(pair: &PodPair, ns: &str, args: &[&str]) -> String {
-    let mut cmd = vec![
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "curl",
-        "-sS",
-        "--max-time",
-        "10",
-    ];
+    let mut cmd = vec!["curl", "-sS", "--max-time", "10"];
     cmd.extend_from_slice(args);
-    let out = pair.exec(ns, &cmd);
+    let out = pair.exec_as_app(ns, &cmd);
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
@@ -275,45 +266,11 @@ fn transparent_plaintext_http_egress_decided_per_request() {
             .spawn()
             .unwrap(),
     );
-    run(&[
-        "ip",
-        "netns",
-        "exec",
+    redirect_app_outbound("iptables", &client_ns, 8080);
+    let frontend = mesh.transparent_egress_frontend(
         &client_ns,
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        "8080",
-        "-m",
-        "owner",
-        "--uid-owner",
-        "65534",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]);
-    let cfg = mesh.dir.path().join("egress-transparent.yaml");
-    std::fs::write(&cfg, "transparent:\n  enabled: true\n  inbound_addr: \"0.0.0.0:15006\"\n  outbound_addr: \"0.0.0.0:15001\"\n").unwrap();
-    let policy = mesh.dir.path().join("egress-http.yaml");
-    std::fs::write(&policy, "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: web\n  direction: egress\n  action: allow\n  rules: [{ to: [{ hosts: [\"allowed.example\"], ports: [8080], methods: [\"GET\"], paths: [\"/get\"] }] }]\n").unwrap();
-    let frontend = Sidecar::start_in(
-        Some(&client_ns),
-        "frontend",
-        &mesh.frontend_bin,
-        &mesh.agent.socket,
-        mesh.dir.path(),
-        &[
-            "--config".into(),
-            cfg.display().to_string(),
-            "--policy".into(),
-            policy.display().to_string(),
-        ],
+        "egress-http.yaml",
+        "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: web\n  direction: egress\n  action: allow\n  rules: [{ to: [{ hosts: [\"allowed.example\"], ports: [8080], methods: [\"GET\"], paths: [\"/get\"] }] }]\n",
     );
     let base = format!("http://{}:8080", pair.pod_ip);
     let deadline = Instant::now() + Duration::from_secs(10);

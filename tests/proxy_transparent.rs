@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{is_root, run, PodPair};
+use common::netns::{is_root, redirect_app_outbound, run, PodPair};
 use common::proxy::{Mesh, Sidecar, TD};
 use common::{skip, which};
 
@@ -22,21 +22,7 @@ impl Drop for Guard {
 }
 
 fn curl_as_nobody(pair: &PodPair, ns: &str, url: &str) -> (bool, String) {
-    let out = pair.exec(
-        ns,
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "curl",
-            "-sS",
-            "-g",
-            "--max-time",
-            "10",
-            url,
-        ],
-    );
+    let out = pair.exec_as_app(ns, &["curl", "-sS", "-g", "--max-time", "10", url]);
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
@@ -101,29 +87,7 @@ fn transparent_mode_with_iptables_redirect_ipv4_and_ipv6() {
             "--to-ports",
             "15006",
         ]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &client_ns,
-            ipt,
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "8080",
-            "-m",
-            "owner",
-            "--uid-owner",
-            "65534",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ]);
+        redirect_app_outbound(ipt, &client_ns, 8080);
     }
 
     let yaml = |dests: &str| {
@@ -262,45 +226,11 @@ fn transparent_egress_passthrough_decided_on_sni() {
             .spawn()
             .unwrap(),
     );
-    run(&[
-        "ip",
-        "netns",
-        "exec",
+    redirect_app_outbound("iptables", &client_ns, 8443);
+    let frontend = mesh.transparent_egress_frontend(
         &client_ns,
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        "8443",
-        "-m",
-        "owner",
-        "--uid-owner",
-        "65534",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]);
-    let cfg = mesh.dir.path().join("egress-transparent.yaml");
-    std::fs::write(&cfg, "transparent:\n  enabled: true\n  inbound_addr: \"0.0.0.0:15006\"\n  outbound_addr: \"0.0.0.0:15001\"\n").unwrap();
-    let policy = mesh.dir.path().join("egress-policy.yaml");
-    std::fs::write(&policy, "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: saas\n  direction: egress\n  action: allow\n  rules: [{ to: [{ hosts: [\"allowed.example\"], ports: [8443] }] }]\n").unwrap();
-    let frontend = Sidecar::start_in(
-        Some(&client_ns),
-        "frontend",
-        &mesh.frontend_bin,
-        &mesh.agent.socket,
-        mesh.dir.path(),
-        &[
-            "--config".into(),
-            cfg.display().to_string(),
-            "--policy".into(),
-            policy.display().to_string(),
-        ],
+        "egress-policy.yaml",
+        "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: saas\n  direction: egress\n  action: allow\n  rules: [{ to: [{ hosts: [\"allowed.example\"], ports: [8443] }] }]\n",
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pair
@@ -320,29 +250,23 @@ fn transparent_egress_passthrough_decided_on_sni() {
         assert!(Instant::now() < deadline, "openssl s_server did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let url = |host: &str| {
-        (
-            format!("{host}:8443:{}", pair.pod_ip),
-            format!("https://{host}:8443/"),
+    let curl_sni = |host: &str| {
+        let resolve = format!("{host}:8443:{}", pair.pod_ip);
+        let url = format!("https://{host}:8443/");
+        pair.exec_as_app(
+            &client_ns,
+            &[
+                "curl",
+                "-sk",
+                "--max-time",
+                "10",
+                "--resolve",
+                &resolve,
+                &url,
+            ],
         )
     };
-    let (resolve, u) = url("allowed.example");
-    let out = pair.exec(
-        &client_ns,
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "curl",
-            "-sk",
-            "--max-time",
-            "10",
-            "--resolve",
-            &resolve,
-            &u,
-        ],
-    );
+    let out = curl_sni("allowed.example");
     assert!(
         out.status.success(),
         "allowed SNI failed: {}\n{}",
@@ -354,23 +278,7 @@ fn transparent_egress_passthrough_decided_on_sni() {
         "rule=\"saas/rules[0]\"",
         "outcome=\"allowed\"",
     ]);
-    let (resolve, u) = url("blocked.example");
-    let out = pair.exec(
-        &client_ns,
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "curl",
-            "-sk",
-            "--max-time",
-            "10",
-            "--resolve",
-            &resolve,
-            &u,
-        ],
-    );
+    let out = curl_sni("blocked.example");
     assert!(!out.status.success(), "blocked SNI went through");
     frontend.wait_log(&[
         "outcome=\"denied\"",

@@ -51,6 +51,35 @@ pub fn run(cmd: &[&str]) -> Output {
     out
 }
 
+/// In namespace `ns`, redirects the app's (uid 65534) TCP to `dport` to the sidecar's outbound
+/// listener :15001 (`ipt` is `iptables` or `ip6tables`).
+pub fn redirect_app_outbound(ipt: &str, ns: &str, dport: u16) {
+    let dport = dport.to_string();
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        ipt,
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &dport,
+        "-m",
+        "owner",
+        "--uid-owner",
+        "65534",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Two namespaces, `pod` (10.77.N.2, fd00:77:N::2) and `peer` (10.77.N.1, fd00:77:N::1),
@@ -138,6 +167,18 @@ impl PodPair {
             .args(&cmd[1..])
             .output()
             .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    }
+
+    /// Runs `argv` inside namespace `ns` as the app user (uid/gid 65534, no groups).
+    pub fn exec_as_app(&self, ns: &str, argv: &[&str]) -> Output {
+        let mut cmd = vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ];
+        cmd.extend_from_slice(argv);
+        self.exec(ns, &cmd)
     }
 
     /// Like [`exec`], panicking on failure; returns stdout.

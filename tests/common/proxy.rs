@@ -73,6 +73,34 @@ impl Mesh {
         (sc, port)
     }
 
+    /// A transparent-mode frontend sidecar inside namespace `ns` (listeners on 0.0.0.0:15006 and
+    /// :15001, no mesh destinations) with the egress policy `policy_yaml`, written to
+    /// `policy_file` in the mesh directory.
+    pub fn transparent_egress_frontend(
+        &self,
+        ns: &str,
+        policy_file: &str,
+        policy_yaml: &str,
+    ) -> Sidecar {
+        let cfg = self.dir.path().join("egress-transparent.yaml");
+        std::fs::write(&cfg, "transparent:\n  enabled: true\n  inbound_addr: \"0.0.0.0:15006\"\n  outbound_addr: \"0.0.0.0:15001\"\n").unwrap();
+        let policy = self.dir.path().join(policy_file);
+        std::fs::write(&policy, policy_yaml).unwrap();
+        Sidecar::start_in(
+            Some(ns),
+            "frontend",
+            &self.frontend_bin,
+            &self.agent.socket,
+            self.dir.path(),
+            &[
+                "--config".into(),
+                cfg.display().to_string(),
+                "--policy".into(),
+                policy.display().to_string(),
+            ],
+        )
+    }
+
     /// A frontend sidecar with one outbound route to `upstream_port` expecting `expect`.
     pub fn frontend(&self, upstream_port: u16, expect: &str) -> (Sidecar, u16) {
         let port = free_port();
