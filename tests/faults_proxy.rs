@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::hostile::{limits_config, mtls_get, wait_line, AgentCa, Leaf, RawProxy};
+use common::hostile::{
+    limits_config, mtls_get, read_until_end, wait_line, AgentCa, Leaf, RawProxy,
+};
 use common::proxy::{http_get, Mesh, TestApp, TD};
 use common::{Agent, TempDir};
 
@@ -95,20 +97,7 @@ fn agent_absent_at_start_not_ready_then_ready_when_it_appears() {
 
 /// Reads until the peer closes; returns (bytes received, time taken), or `None` after `limit`.
 fn until_closed(s: &mut TcpStream, limit: Duration) -> Option<(usize, Duration)> {
-    let start = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut got = 0;
-    let mut buf = [0u8; 4096];
-    while start.elapsed() < limit {
-        match s.read(&mut buf) {
-            Ok(0) => return Some((got, start.elapsed())),
-            Ok(n) => got += n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return Some((got, start.elapsed())),
-        }
-    }
-    None
+    read_until_end(s, limit).map(|(got, _, took)| (got, took))
 }
 
 #[test]

@@ -8,23 +8,11 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use common::hostile::{limits_config, mtls_connect, AgentCa, Leaf};
+use common::hostile::{limits_backend, mtls_connect, AgentCa, Leaf};
 use common::proxy::{Mesh, Sidecar, TestApp, TD};
 
 fn http_backend(mesh: &Mesh, app_port: u16, limits: &[&str]) -> (Sidecar, u16) {
-    let cfg = limits_config(mesh.dir.path(), limits);
-    let port = common::free_port();
-    let sc = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--config".into(),
-            cfg.display().to_string(),
-            "--inbound".into(),
-            format!("127.0.0.1:{port}={app_port}:strict:http"),
-        ],
-    );
-    (sc, port)
+    limits_backend(mesh, app_port, "strict:http", limits)
 }
 
 /// Sends `request` over a fresh mTLS connection and returns the response (until close).

@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::hostile::{limits_config, mtls_get, AgentCa, Leaf};
+use common::hostile::{limits_backend, mtls_get, read_until_end, AgentCa, Leaf};
 use common::proxy::{http_get, Mesh, Sidecar, TestApp, TD};
 
 /// How a connection ended, seen from the client.
@@ -26,23 +26,13 @@ enum End {
 
 /// Reads until the proxy closes the connection (at most `limit`); `None` if it stays open.
 fn wait_end(s: &mut TcpStream, limit: Duration) -> Option<(End, Duration)> {
-    let start = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut got = 0;
-    let mut buf = [0u8; 4096];
-    while start.elapsed() < limit {
-        match s.read(&mut buf) {
-            Ok(0) => return Some((End::Closed(got), start.elapsed())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
-                return Some((End::Reset, start.elapsed()))
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("unexpected read error {e}"),
-        }
-    }
-    None
+    let (got, end, took) = read_until_end(s, limit)?;
+    let end = match end {
+        Ok(()) => End::Closed(got),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => End::Reset,
+        Err(e) => panic!("unexpected read error {e}"),
+    };
+    Some((end, took))
 }
 
 /// A real TLS 1.3 ClientHello record, as a mesh peer sends it.
@@ -66,19 +56,7 @@ fn client_hello() -> Vec<u8> {
 }
 
 fn backend_with_limits(mesh: &Mesh, app_port: u16, limits: &[&str]) -> (Sidecar, u16) {
-    let cfg = limits_config(mesh.dir.path(), limits);
-    let port = common::free_port();
-    let sc = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--config".into(),
-            cfg.display().to_string(),
-            "--inbound".into(),
-            format!("127.0.0.1:{port}={app_port}:strict"),
-        ],
-    );
-    (sc, port)
+    limits_backend(mesh, app_port, "strict", limits)
 }
 
 fn failures(sc: &Sidecar, reason: &str) -> f64 {

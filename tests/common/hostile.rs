@@ -19,7 +19,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use super::proxy::http_get;
+use super::proxy::{http_get, Mesh, Sidecar};
 use super::{free_port, BIN};
 
 /// The agent's signing CA, loaded from `<state_dir>/ca-cert.pem` and `ca-key.pem`.
@@ -261,4 +261,49 @@ pub fn limits_config(dir: &Path, limits: &[&str]) -> PathBuf {
     let p = dir.join(format!("proxy-{}.yaml", free_port()));
     std::fs::write(&p, text).expect("write config");
     p
+}
+
+/// A backend sidecar with the config of [`limits_config`] and one inbound listener
+/// `127.0.0.1:<port>=<app_port>:<mode>` (e.g. `strict` or `strict:http`); returns it and the port.
+pub fn limits_backend(mesh: &Mesh, app_port: u16, mode: &str, limits: &[&str]) -> (Sidecar, u16) {
+    let cfg = limits_config(mesh.dir.path(), limits);
+    let port = free_port();
+    let sc = mesh.sidecar(
+        "backend",
+        &mesh.backend_bin.clone(),
+        &[
+            "--config".into(),
+            cfg.display().to_string(),
+            "--inbound".into(),
+            format!("127.0.0.1:{port}={app_port}:{mode}"),
+        ],
+    );
+    (sc, port)
+}
+
+/// Reads from `s` until the peer ends the connection, for at most `limit`: the bytes received,
+/// how it ended (`Ok` for a clean close, the read error otherwise) and the time taken; `None` if
+/// it is still open after `limit`.
+pub fn read_until_end(
+    s: &mut TcpStream,
+    limit: Duration,
+) -> Option<(usize, std::io::Result<()>, Duration)> {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut got = 0;
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some((got, Ok(()), start.elapsed())),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Some((got, Err(e), start.elapsed())),
+        }
+    }
+    None
 }
