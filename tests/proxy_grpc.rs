@@ -42,25 +42,10 @@ fn grpc_call_outside_the_policy_gets_permission_denied() {
     assert_eq!(ready.trim(), "ready");
 
     let mesh = Mesh::start("proxy-grpc", &[]);
-    let file = mesh.dir.path().join("policy.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: health-check-only\n  direction: inbound\n  action: allow\n  rules:\n  - from: [{{ spiffeIds: [\"spiffe://{TD}/frontend\"] }}]\n    to: [{{ methods: [\"POST\"], paths: [\"/grpc.health.v1.Health/Check\"] }}]\n"
-        ),
-    )
-    .unwrap();
-    let in_port = common::free_port();
-    let backend = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{in_port}={app_port}:strict:http"),
-            "--policy".into(),
-            file.display().to_string(),
-        ],
+    let policy = format!(
+        "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: health-check-only\n  direction: inbound\n  action: allow\n  rules:\n  - from: [{{ spiffeIds: [\"spiffe://{TD}/frontend\"] }}]\n    to: [{{ methods: [\"POST\"], paths: [\"/grpc.health.v1.Health/Check\"] }}]\n"
     );
+    let (backend, in_port) = mesh.l7_backend(&policy, app_port);
     let (_frontend, out_port) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
 
     let out = Command::new(&py)

@@ -78,25 +78,10 @@ fn policy_denies_with_rule_then_hot_reload_allows() {
 fn http_port_decides_per_request_with_403() {
     let mesh = Mesh::start("proxy-l7", &[]);
     let app = TestApp::start("app");
-    let file = mesh.dir.path().join("policy.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: public-get\n  direction: inbound\n  action: allow\n  rules:\n  - from: [{{ spiffeIds: [\"spiffe://{TD}/frontend\"] }}]\n    to: [{{ methods: [\"GET\"], paths: [\"/public/*\"] }}]\n"
-        ),
-    )
-    .unwrap();
-    let in_port = common::free_port();
-    let backend = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{in_port}={}:strict:http", app.port),
-            "--policy".into(),
-            file.display().to_string(),
-        ],
+    let policy = format!(
+        "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: public-get\n  direction: inbound\n  action: allow\n  rules:\n  - from: [{{ spiffeIds: [\"spiffe://{TD}/frontend\"] }}]\n    to: [{{ methods: [\"GET\"], paths: [\"/public/*\"] }}]\n"
     );
+    let (backend, in_port) = mesh.l7_backend(&policy, app.port);
     let (_frontend, out_port) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
     let mut conn = common::proxy::KeepAlive::connect(([127, 0, 0, 1], out_port).into()).unwrap();
     assert_eq!(

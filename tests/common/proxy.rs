@@ -101,6 +101,26 @@ impl Mesh {
         )
     }
 
+    /// A backend sidecar with one strict L7 (`http`) inbound listener to `app_port`, decided by
+    /// the policy `policy_yaml` (written to `policy.yaml` in the mesh directory); returns it and
+    /// the port.
+    pub fn l7_backend(&self, policy_yaml: &str, app_port: u16) -> (Sidecar, u16) {
+        let file = self.dir.path().join("policy.yaml");
+        std::fs::write(&file, policy_yaml).unwrap();
+        let port = free_port();
+        let sc = self.sidecar(
+            "backend",
+            &self.backend_bin.clone(),
+            &[
+                "--inbound".into(),
+                format!("127.0.0.1:{port}={app_port}:strict:http"),
+                "--policy".into(),
+                file.display().to_string(),
+            ],
+        );
+        (sc, port)
+    }
+
     /// A frontend sidecar with one outbound route to `upstream_port` expecting `expect`.
     pub fn frontend(&self, upstream_port: u16, expect: &str) -> (Sidecar, u16) {
         let port = free_port();
