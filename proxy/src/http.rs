@@ -257,8 +257,14 @@ where
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
+    let (stream, back) = crate::linger::hand_back(stream);
+    let served = builder
         .serve_connection(TokioIo::new(stream), svc)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    // hyper has dropped the connection: close it without a reset destroying the last response.
+    if let Ok(stream) = back.await {
+        crate::linger::linger(stream).await;
+    }
+    served
 }

@@ -16,6 +16,7 @@ pub mod egress_connect;
 pub mod egress_http;
 pub mod http;
 pub mod inbound;
+pub mod linger;
 pub mod metrics;
 pub mod outbound;
 pub mod policy_authz;
