@@ -97,11 +97,22 @@ fn forged_client_certificates_are_refused_each_for_its_own_reason() {
         );
         let line = backend.wait_log(&["outcome=\"handshake_failed\"", c.label, c.says]);
         assert!(line.contains("connection refused"), "{}: {line}", c.what);
-        let after = backend.metric_sum(&[
-            "svidcar_proxy_handshake_failures",
-            "direction=\"inbound\"",
-            &format!("reason=\"{}\"", c.label),
-        ]);
+        // The log line and the counter are written one after the other: give the counter a
+        // moment to catch up (it must still move by exactly one).
+        let reason = format!("reason=\"{}\"", c.label);
+        let read = || {
+            backend.metric_sum(&[
+                "svidcar_proxy_handshake_failures",
+                "direction=\"inbound\"",
+                &reason,
+            ])
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut after = read();
+        while after < before + 1.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            after = read();
+        }
         assert_eq!(
             after,
             before + 1.0,
