@@ -303,11 +303,18 @@ pub fn validate(
     Ok(ValidatedJwt { id, claims })
 }
 
+/// Latest NumericDate accepted: 9999-12-31T23:59:59Z. A JWT-SVID lives minutes; a time beyond
+/// this is not a lifetime but a token that never expires, and could not be shown as a time.
+const MAX_NUMERIC_DATE: f64 = 253_402_300_799.0;
+
 fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, JwtError> {
     match claims.get(name) {
         None => Ok(None),
         Some(v) => match v.as_f64() {
-            Some(t) if t.is_finite() => Ok(Some(t)),
+            Some(t) if (0.0..=MAX_NUMERIC_DATE).contains(&t) => Ok(Some(t)),
+            Some(t) if t.is_finite() => Err(JwtError::Malformed(format!(
+                "claim {name:?} is not a time between 1970 and 9999"
+            ))),
             _ => Err(JwtError::Malformed(format!(
                 "claim {name:?} is not a number"
             ))),

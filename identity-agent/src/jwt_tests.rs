@@ -305,16 +305,30 @@ fn rs256_and_ps256_verify_with_rsa_jwk() {
     }
 }
 
-/// Regression (fuzz/jwt_validate invariant): a validly signed token with an `exp` beyond what
-/// `SystemTime` can hold made `ValidatedJwt::expiry` panic.
+/// Regression (fuzz/jwt_validate): a validly signed token with an `exp` beyond what `SystemTime`
+/// can hold made `ValidatedJwt::expiry` panic, then (after a first fix) validated as a token that
+/// never expires. A time outside 1970..=9999 is now malformed, so every validated token has a
+/// representable expiry.
 #[test]
-fn huge_exp_does_not_panic_in_expiry() {
+fn out_of_range_exp_is_malformed() {
     let (signer, bundles) = setup();
-    for exp in [json!(1e300), json!(20_000_000_000_000_000_000u128 as f64)] {
+    for exp in [
+        json!(1e300),
+        json!(20_999_999_999_999_900_000_000u128 as f64),
+        json!(-5),
+    ] {
         let mut c = claims();
-        c["exp"] = exp;
+        c["exp"] = exp.clone();
         let token = signer.sign_parts(&header(), &c).expect("sign");
-        let v = check(&token, &bundles).expect("far-future exp is valid");
-        assert_eq!(v.expiry(), None, "unrepresentable expiry");
+        match check(&token, &bundles) {
+            Err(JwtError::Malformed(m)) => assert!(m.contains("\"exp\""), "{m}"),
+            other => panic!("exp {exp}: expected Malformed, got {other:?}"),
+        }
     }
+    let v = check(
+        &signer.sign_parts(&header(), &claims()).expect("sign"),
+        &bundles,
+    )
+    .expect("a normal token validates");
+    assert!(v.expiry().is_some());
 }
