@@ -59,7 +59,7 @@ pub struct EgressHttp<'a> {
     pub host: Option<&'a str>,
     /// Method as sent.
     pub method: &'a str,
-    /// Path as received (without query); normalized by the authorizer.
+    /// Path without query, already normalized by [`Authorizer::normalize_path`].
     pub path: &'a str,
 }
 
@@ -130,11 +130,13 @@ pub trait Authorizer: Send + Sync + 'static {
     fn metrics_registry(&self) -> Option<&prometheus_client::registry::Registry> {
         None
     }
-    /// The request path as the policy in force normalizes it (POLICY.md §3: the normalized path
-    /// is what is evaluated and forwarded); `None` = forward as received.
-    fn normalize_path(&self, raw: &str) -> Option<String> {
+    /// The request path (query and fragment dropped) as the policy in force normalizes it.
+    /// POLICY.md §3: the normalized path is what is evaluated **and** forwarded, so callers
+    /// normalize once, decide on the result and forward the same string. `Ok(None)`: no
+    /// normalization (evaluate and forward as received); `Err(rule)`: a path the policy refuses.
+    fn normalize_path(&self, raw: &str) -> Result<Option<String>, String> {
         let _ = raw;
-        None
+        Ok(None)
     }
     /// The effective policy for the admin `/policy` endpoint.
     fn policy_json(&self) -> serde_json::Value {

@@ -21,7 +21,7 @@ use svidcar_agent::SpiffeId;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use crate::authz::{EgressAttrs, EgressHttp};
+use crate::authz::{EgressAttrs, EgressHttp, Verdict};
 use crate::context::ProxyContext;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -169,7 +169,12 @@ impl Conn {
             Err((status, msg)) => return text(status, msg),
         };
         let method = req.method().as_str().to_string();
-        let path = req.uri().path().to_string();
+        // Normalized once: the same path is evaluated and forwarded (POLICY.md §3).
+        let normalized = self.ctx.authz.normalize_path(req.uri().path());
+        let path = match &normalized {
+            Ok(Some(p)) => p.clone(),
+            _ => req.uri().path().to_string(),
+        };
         let attrs = EgressAttrs {
             own: &self.own,
             src: self.src,
@@ -185,7 +190,10 @@ impl Conn {
                 path: &path,
             }),
         };
-        let verdict = self.ctx.authz.authorize_egress(&attrs);
+        let verdict = match &normalized {
+            Err(rule) => Verdict::deny(rule.clone()),
+            Ok(_) => self.ctx.authz.authorize_egress(&attrs),
+        };
         self.ctx
             .metrics
             .decision("egress", verdict.allow, &verdict.rule);
@@ -211,9 +219,8 @@ impl Conn {
             log("denied", 403, &format!("denied by {}", verdict.rule));
             return text(StatusCode::FORBIDDEN, "RBAC: access denied");
         }
-        if let Some(p) = self.ctx.authz.normalize_path(&path) {
-            // The normalized path is what is forwarded (POLICY.md §3).
-            if p != path {
+        if let Ok(Some(p)) = &normalized {
+            if p != req.uri().path() {
                 let query = req
                     .uri()
                     .query()

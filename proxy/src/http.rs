@@ -156,11 +156,17 @@ async fn one_request(
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
     });
-    let path = req
+    let raw = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    // Normalized once: the same path is evaluated and forwarded (POLICY.md §3).
+    let normalized = authz.normalize_path(raw);
+    let path = match &normalized {
+        Ok(Some(p)) => p.as_str(),
+        _ => raw,
+    };
     let attrs = HttpAttrs {
         method: req.method().as_str(),
         path,
@@ -176,7 +182,10 @@ async fn one_request(
         app_port: facts.app_port,
         tls: facts.tls,
     };
-    let verdict: Verdict = authz.authorize_request(&conn, &attrs);
+    let verdict: Verdict = match &normalized {
+        Err(rule) => Verdict::deny(rule.clone()),
+        Ok(_) => authz.authorize_request(&conn, &attrs),
+    };
     metrics.decision("inbound", verdict.allow, &verdict.rule);
     let (method, path) = (attrs.method.to_string(), path.to_string());
     if !verdict.allow {
@@ -185,16 +194,16 @@ async fn one_request(
             rule = %verdict.rule, outcome = "denied", status = if grpc { 200 } else { 403 }, "request denied");
         return denied(grpc);
     }
-    let (mut parts, body) = req.into_parts();
-    // The normalized path is what is evaluated and forwarded (POLICY.md §3), query kept.
-    let uri = match authz.normalize_path(&path) {
-        Some(p) => format!(
+    // Forward what was evaluated, with the query kept.
+    let uri = match &normalized {
+        Ok(Some(p)) => format!(
             "http://127.0.0.1:{}{p}{}",
             facts.app_port,
-            crate::policy::query_part(&path)
+            crate::policy::query_part(raw)
         ),
-        None => format!("http://127.0.0.1:{}{}", facts.app_port, path),
+        _ => format!("http://127.0.0.1:{}{raw}", facts.app_port),
     };
+    let (mut parts, body) = req.into_parts();
     parts.uri = match uri.parse() {
         Ok(u) => u,
         Err(e) => return bad_gateway(format!("bad request target: {e}")),

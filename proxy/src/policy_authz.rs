@@ -128,10 +128,6 @@ impl Authorizer for PolicyAuthorizer {
             return Verdict::deny("policy:not-loaded");
         };
         let compiled = active.policy.load();
-        let path = match policy::normalize_path(compiled.settings().path_normalization, http.path) {
-            Ok(p) => p,
-            Err(e) => return Verdict::deny(format!("policy:bad-path ({e})")),
-        };
         let host = http.host.map(policy::normalize_name);
         let headers = crate::http::Headers(http.headers);
         let protocol = if http.grpc {
@@ -145,7 +141,7 @@ impl Authorizer for PolicyAuthorizer {
         req.destination_ip = Some(conn.dst.ip());
         req.destination_port = Some(conn.app_port);
         req.method = Some(http.method);
-        req.path = Some(&path);
+        req.path = Some(http.path);
         req.host = host.as_deref();
         req.headers = &headers;
         let decision = compiled.decide(&req);
@@ -174,15 +170,6 @@ impl Authorizer for PolicyAuthorizer {
         let sni = conn.sni.map(policy::normalize_name);
         let connect = conn.connect.map(policy::normalize_name);
         let host = conn.http.and_then(|h| h.host).map(policy::normalize_name);
-        let path = match conn.http {
-            Some(h) => {
-                match policy::normalize_path(compiled.settings().path_normalization, h.path) {
-                    Ok(p) => Some(p),
-                    Err(e) => return Verdict::deny(format!("policy:bad-path ({e})")),
-                }
-            }
-            None => None,
-        };
         let mut req = Request::new(Direction::Egress, protocol);
         req.source_ip = Some(conn.src.ip());
         req.destination_ip = conn.dst_ip;
@@ -192,7 +179,7 @@ impl Authorizer for PolicyAuthorizer {
         req.connect_authority = connect.as_deref();
         req.host = host.as_deref();
         req.method = conn.http.map(|h| h.method);
-        req.path = path.as_deref();
+        req.path = conn.http.map(|h| h.path);
         let decision = compiled.decide(&req);
         policy::log_decision(&req, &decision);
         self.metrics.record(req.direction, &decision);
@@ -225,15 +212,14 @@ impl Authorizer for PolicyAuthorizer {
         Some(&self.registry)
     }
 
-    fn normalize_path(&self, raw: &str) -> Option<String> {
-        let mode = self
-            .active
-            .load_full()?
-            .policy
-            .load()
-            .settings()
-            .path_normalization;
-        policy::normalize_path(mode, raw).ok()
+    fn normalize_path(&self, raw: &str) -> Result<Option<String>, String> {
+        let Some(active) = self.active.load_full() else {
+            return Ok(None); // not loaded: every request is denied anyway
+        };
+        let mode = active.policy.load().settings().path_normalization;
+        policy::normalize_path(mode, raw)
+            .map(Some)
+            .map_err(|e| format!("policy:bad-path ({e})"))
     }
 
     fn policy_json(&self) -> serde_json::Value {
