@@ -1,6 +1,8 @@
 //! Identity lifecycle under traffic, with the real agent and real sidecars:
 //! - SVID rotation (`--svid-ttl 3s`, ≥ 3 rotations in ~10 s) during continuous requests on new
 //!   connections and on one long-lived connection: zero failed requests;
+//! - CA rotation (`--ca-ttl 12s`): the agent publishes the next root, then signs with it, while
+//!   requests flow through both sidecars: zero failed requests, before and after the switch;
 //! - the agent killed and restarted during traffic: zero failed requests while the cached SVID
 //!   is valid, and the sidecars pick up the new agent's SVIDs;
 //! - fail closed: with the agent gone and the cached SVID expired, `/ready` is 503 and calls fail.
@@ -103,6 +105,62 @@ fn rotation_under_traffic_drops_nothing() {
     let (b1, f1) = (installs(&backend), installs(&frontend));
     assert!(b1 - b0 >= 3.0, "backend rotated only {} times", b1 - b0);
     assert!(f1 - f0 >= 3.0, "frontend rotated only {} times", f1 - f0);
+}
+
+/// Total requests a traffic generator has recorded so far.
+fn done(t: &Traffic) -> u64 {
+    t.ok.load(Ordering::Relaxed) + t.failed.load(Ordering::Relaxed)
+}
+
+#[test]
+fn ca_rotation_under_traffic_drops_nothing() {
+    // A 12 s root: the next root enters the bundle at half life and signs from 1/6 lifetime
+    // remaining (~10 s); 2 s SVIDs so both sidecars soon present certificates of the new root.
+    let mesh = Mesh::start(
+        "proxy-ca-rotation",
+        &["--ca-ttl", "12s", "--svid-ttl", "2s"],
+    );
+    let app = TestApp::start("app");
+    let (_backend, in_port) = mesh.backend(app.port, "strict");
+    let (_frontend, port) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = Arc::new(Traffic::default());
+    let threads = run_traffic(port, stop.clone(), traffic.clone());
+
+    let activated = "activated the next root CA";
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !mesh.agent.log_text().contains(activated) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let rotated = mesh.agent.log_text().contains(activated);
+    let at_switch = done(&traffic);
+    // Two SVID lifetimes more: every SVID in use now chains to the new root.
+    thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(
+        rotated,
+        "the agent did not switch to the next root within 25 s:\n{}",
+        mesh.agent.log_text()
+    );
+    let (ok, failed) = (
+        traffic.ok.load(Ordering::Relaxed),
+        traffic.failed.load(Ordering::Relaxed),
+    );
+    let errors = traffic.errors.lock().unwrap().clone();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed requests of {} across the CA rotation: {errors:?}",
+        ok + failed
+    );
+    assert!(
+        ok - at_switch.min(ok) >= 50,
+        "too few requests after the switch to the new root: {} of {ok}",
+        ok - at_switch.min(ok)
+    );
 }
 
 #[test]
