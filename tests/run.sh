@@ -10,6 +10,10 @@ root=$(pwd)
 
 say() { printf '\n== %s\n' "$*"; }
 
+# The 10,000-connection flood test (tests/hostile_inbound.rs) holds 10k sockets in the test
+# process; the proxies it starts inherit the limit too.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
 # --- system packages -------------------------------------------------------------------------
 need_pkgs=()
 for tool_pkg in iptables:iptables nft:nftables ip:iproute2 nginx:nginx curl:curl openssl:openssl \
@@ -43,6 +47,18 @@ fi
 say "cargo deny (licenses, bans, sources; advisories need the RustSec database online)"
 command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --locked --quiet </dev/null
 cargo deny --all-features check licenses bans sources
+say "SBOM (CycloneDX 1.5 JSON, one per crate: svidcar.cdx.json next to Cargo.toml, ...)"
+command -v cargo-cyclonedx >/dev/null 2>&1 || cargo install cargo-cyclonedx --locked --quiet </dev/null
+cargo cyclonedx --format json --all-features --spec-version 1.5 --no-build-deps -qq
+python3 - <<'PY'
+import json
+bom = json.load(open("svidcar.cdx.json"))
+names = {c["name"] for c in bom.get("components", [])}
+assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.5", "not a CycloneDX 1.5 BOM"
+missing = {"rustls", "tokio", "aws-lc-rs", "svidcar-proxy", "svidcar-agent"} - names
+assert not missing, f"SBOM lacks {missing}"
+print(f"svidcar.cdx.json: {len(names)} components")
+PY
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
