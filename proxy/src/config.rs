@@ -29,6 +29,7 @@
 //!   handshake_timeout: 10s
 //!   idle_timeout: 1h
 //!   drain_timeout: 20s
+//!   header_timeout: 20s                     # HTTP ports: request headers within this
 //! policy: /etc/svidcar/policy               # reserved for the policy engine
 //! ```
 
@@ -399,6 +400,10 @@ pub struct Limits {
     pub drain_timeout: Dur,
     /// Connect timeout to upstreams and the local app.
     pub connect_timeout: Dur,
+    /// `http` ports: a request's headers must arrive within this time, or the connection is
+    /// closed (slowloris guard). hyper also applies it while a keep-alive connection waits for
+    /// its next request, so it bounds how long an idle HTTP/1 keep-alive connection is kept.
+    pub header_timeout: Dur,
 }
 
 impl Default for Limits {
@@ -409,6 +414,7 @@ impl Default for Limits {
             idle_timeout: Dur(Duration::from_secs(3600)),
             drain_timeout: Dur(Duration::from_secs(20)),
             connect_timeout: Dur(Duration::from_secs(5)),
+            header_timeout: Dur(Duration::from_secs(20)),
         }
     }
 }
@@ -496,6 +502,13 @@ impl ProxyConfig {
         if self.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "0", "must be at least 1"));
         }
+        if self.limits.header_timeout.0.is_zero() {
+            return Err(bad(
+                "limits.header_timeout",
+                "0s",
+                "must be positive (it is the slowloris guard of http ports)",
+            ));
+        }
         Ok(())
     }
 }
@@ -542,6 +555,12 @@ mod tests {
         assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), full, "{text}");
         let c = ProxyConfig::from_yaml("limits:\n  idle_timeout: 5m\n").unwrap();
         assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(300));
+        assert_eq!(c.limits.header_timeout.0, Duration::from_secs(20), "default");
+        let c = ProxyConfig::from_yaml("limits:\n  header_timeout: 4s\n").unwrap();
+        assert_eq!(c.limits.header_timeout.0, Duration::from_secs(4));
+        let zero = ProxyConfig::from_yaml("limits:\n  header_timeout: 0s\n").unwrap();
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.header_timeout"), "{e}");
         let d = Destination {
             dst: "10.0.0.0/8".into(),
             port: Some(80),

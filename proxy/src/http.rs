@@ -232,17 +232,17 @@ async fn one_request(
     }
 }
 
-/// Longest time an HTTP/1 peer may take to send one request's headers (hyper starts the clock
-/// when it waits for a request, so an idle keep-alive connection is also closed after it).
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
-
 /// Serves HTTP/1.1 or HTTP/2 on `stream` until the peer closes, authorizing each request.
+/// `header_timeout` (`limits.header_timeout`) is the longest an HTTP/1 peer may take to send one
+/// request's headers (hyper starts the clock when it waits for a request, so an idle keep-alive
+/// connection is also closed after it).
 pub async fn serve<S>(
     stream: S,
     facts: ConnFacts,
     authz: Arc<dyn Authorizer>,
     metrics: Metrics,
     clients: AppClients,
+    header_timeout: std::time::Duration,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -265,7 +265,7 @@ where
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_timeout);
     let (stream, back) = crate::linger::hand_back(stream);
     let served = builder
         .serve_connection(TokioIo::new(stream), svc)

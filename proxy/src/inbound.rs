@@ -274,6 +274,7 @@ where
         ctx.authz.clone(),
         ctx.metrics.clone(),
         ctx.app_clients.clone(),
+        ctx.limits.header_timeout.0,
     )
     .await;
     let end = match r {

@@ -28,7 +28,7 @@ the effective result):
                 default_mode: strict, ports: {8080: permissive}, protocols: {8080: http},
                 destinations: [{dst: 10.0.0.0/8 | 10.1.2.3:80 | fd00::/8, port: 8443, expect: td}]}
   limits:      {max_connections: 10000, handshake_timeout: 10s, idle_timeout: 1h,
-                drain_timeout: 20s, connect_timeout: 5s}
+                drain_timeout: 20s, connect_timeout: 5s, header_timeout: 20s}
   egress:      {listen: 127.0.0.1:15080}   # explicit HTTP proxy (CONNECT)
   policy:      /etc/svidcar/policy.yaml
 
