@@ -162,3 +162,86 @@ fn issue_refuses_another_trust_domain_and_overwrites() {
     let again = svidcar(&["ca", "init", "--trust-domain", TD, "--out", s(&root_dir)]);
     assert!(!again.status.success(), "init never overwrites a root");
 }
+
+/// Runs `svidcar agent` with `args`; it must exit (non-zero) within 10 s: its stderr.
+fn agent_refuses(dir: &Path, args: &[&str]) -> String {
+    let sock = dir.join("refused.sock");
+    let state = dir.join("refused-state");
+    let mut child = Command::new(BIN)
+        .args(["agent", "--socket", s(&sock), "--state-dir", s(&state)])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the agent started with {args:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(!sock.exists(), "no Workload API socket was created");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_upstream_intermediate_of_another_domain_or_root_is_refused_at_start() {
+    let dir = TempDir::new("ca-multinode-upstream-check");
+    let (root_a, root_b, nodes) = (
+        dir.path().join("root-a"),
+        dir.path().join("root-b"),
+        dir.path().join("nodes"),
+    );
+    ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_a)]);
+    ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_b)]);
+    ok(&[
+        "ca",
+        "issue",
+        "--root-dir",
+        s(&root_a),
+        "--trust-domain",
+        TD,
+        "--node",
+        "n1",
+        "--out",
+        s(&nodes),
+    ]);
+    let (cert, key) = (nodes.join("n1-cert.pem"), nodes.join("n1-key.pem"));
+    let upstream = |td: &str, bundle: &Path| {
+        agent_refuses(
+            dir.path(),
+            &[
+                "--trust-domain",
+                td,
+                "--upstream-cert",
+                s(&cert),
+                "--upstream-key",
+                s(&key),
+                "--upstream-bundle",
+                s(bundle),
+            ],
+        )
+    };
+    // The node intermediate names multinode.example; the agent is told other.example.
+    let err = upstream("other.example", &root_a.join("root-cert.pem"));
+    assert!(
+        err.contains("is for trust domain \"multinode.example\"")
+            && err.contains("serves \"other.example\""),
+        "{err}"
+    );
+    // Right domain, but the bundle holds another root than the one that signed the node.
+    let err = upstream(TD, &root_b.join("root-cert.pem"));
+    assert!(
+        err.contains("does not verify against the 1 upstream root"),
+        "{err}"
+    );
+}

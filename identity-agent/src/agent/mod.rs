@@ -21,6 +21,7 @@ pub mod rotation;
 pub mod sds;
 pub mod sds_resources;
 pub mod upstream_ca;
+pub mod upstream_check;
 pub mod workload_api;
 
 use std::collections::BTreeMap;

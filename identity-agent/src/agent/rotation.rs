@@ -129,12 +129,18 @@ impl CaSet {
         match source {
             CaSource::Embedded => Self::load_embedded(td, ca_ttl, state_dir, now),
             CaSource::Upstream { cert, key, bundle } => {
-                Self::load_upstream(cert, key, bundle.as_deref())
+                Self::load_upstream(cert, key, bundle.as_deref(), td, now)
             }
         }
     }
 
-    fn load_upstream(cert: &Path, key: &Path, bundle: Option<&Path>) -> Result<Self, CaError> {
+    fn load_upstream(
+        cert: &Path,
+        key: &Path,
+        bundle: Option<&Path>,
+        td: &TrustDomain,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
         let certs = read_certs(cert)?;
         let mut roots = Vec::new();
         let mut chain = Vec::new();
@@ -163,6 +169,7 @@ impl CaSet {
         let key_pem =
             std::fs::read_to_string(key).map_err(|e| io_err(key.display().to_string(), e))?;
         let active = SigningCa::from_pem(signing, &key_pem, chain)?;
+        crate::agent::upstream_check::check_upstream(&active, &roots, td, now)?;
         Ok(Self {
             mode: Mode::Upstream { roots },
             active: Arc::new(active),

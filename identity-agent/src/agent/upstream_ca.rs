@@ -106,7 +106,7 @@ pub fn check_node_name(node: &str) -> Result<(), UpstreamCaError> {
 }
 
 /// The trust domain named by a CA certificate's URI SAN (`spiffe://<td>`), if any.
-fn ca_trust_domain(der: &[u8]) -> Result<String, String> {
+pub(crate) fn ca_trust_domain(der: &[u8]) -> Result<String, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     if !cert.is_ca() {
         return Err("not a CA certificate".into());
@@ -196,7 +196,7 @@ fn random_serial() -> Result<SerialNumber, UpstreamCaError> {
 }
 
 /// The first certificate of a PEM text, DER.
-fn first_cert(pem_text: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn first_cert(pem_text: &str) -> Result<Vec<u8>, String> {
     let mut reader = std::io::BufReader::new(pem_text.as_bytes());
     let first = rustls_pemfile::certs(&mut reader).next();
     match first {
