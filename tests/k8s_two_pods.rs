@@ -272,6 +272,34 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
             curl(&pair, ns, &["http://127.0.0.1:15000/ready"]).1 == 200
         });
     }
+    // Least privilege: the serving sidecars run as their own non-root UID with no capability
+    // at all (transparent mode needs none: SO_ORIGINAL_DST and the 127.0.0.6 bind are allowed).
+    for (side, uid) in [(&side_a, "1337"), (&side_b, "1338")] {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", side.child.id()))
+            .unwrap_or_else(|e| panic!("sidecar {uid} is gone: {e}\n{}", logs()));
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Uid:"), [uid; 4], "sidecar UIDs (real, effective, saved, fs)");
+        assert_eq!(field("Gid:"), [uid; 4], "sidecar GIDs");
+        for caps in ["CapPrm:", "CapEff:", "CapInh:", "CapAmb:"] {
+            assert_eq!(
+                field(caps),
+                ["0000000000000000"],
+                "sidecar {uid} holds capabilities ({caps})"
+            );
+        }
+        assert!(
+            field("Name:").first().is_some_and(|c| c.starts_with("svidcar")),
+            "pid {} is the sidecar itself, not a wrapper: {:?}",
+            side.child.id(),
+            field("Name:")
+        );
+    }
 
     // Capture on pod A's veth while the app talks.
     let veth = veth_of(&pair, &a);
