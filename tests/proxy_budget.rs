@@ -28,6 +28,8 @@ async fn connection_futures_stay_within_budget() {
         conns: Arc::new(Semaphore::new(4)),
         shutdown,
         app_clients: svidcar_proxy::http::AppClients::new(),
+        pool: None,
+        mux_max_streams: 100,
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();

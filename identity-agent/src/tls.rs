@@ -31,6 +31,9 @@ use crate::svid::{self, SvidError, X509Svid};
 
 /// The ALPN protocol id spoken between svidcar proxies.
 pub const ALPN_SVIDCAR: &[u8] = b"svidcar/1";
+/// The ALPN protocol id of a multiplexed connection between svidcar proxies: HTTP/2 `CONNECT`
+/// tunnels, one stream per application connection (pooled; see the proxy's `mux` module).
+pub const ALPN_SVIDCAR_MUX: &[u8] = b"svidcar-mux/1";
 
 /// Why a TLS config could not be built or a peer was refused.
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +304,16 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_SVIDCAR.to_vec()];
     config.resumption = Resumption::store(store);
     Ok(Arc::new(config))
+}
+
+/// When the peer's leaf certificate of an established connection expires (`None` without a
+/// parsable peer certificate).
+pub fn peer_not_after(conn: &CommonState) -> Option<std::time::SystemTime> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let secs = cert.validity().not_after.timestamp();
+    let secs = u64::try_from(secs).ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
 }
 
 /// The SPIFFE ID of the peer of an established connection (its leaf's URI SAN), if the peer

@@ -25,6 +25,8 @@ pub struct AdminState {
     pub registry: Registry,
     /// Human-readable listener descriptions.
     pub listeners: Vec<serde_json::Value>,
+    /// Connection pooling between proxies (settings).
+    pub pool: serde_json::Value,
     /// Which policy is in force.
     pub policy: String,
     /// The authorizer (readiness: policy loaded).
@@ -68,6 +70,7 @@ impl AdminState {
             "svid": svid,
             "bundles": bundles,
             "listeners": self.listeners,
+            "pool": self.pool,
             "policy": self.policy,
         })
     }

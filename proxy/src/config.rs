@@ -439,6 +439,8 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Authorization policy path (file or directory); none = the built-in default.
     pub policy: Option<PathBuf>,
+    /// Pooled, multiplexed mTLS between proxies ([`crate::mux::PoolConfig`]).
+    pub pool: crate::mux::PoolConfig,
 }
 
 impl Default for ProxyConfig {
@@ -456,6 +458,7 @@ impl Default for ProxyConfig {
             egress: EgressConfig::default(),
             limits: Limits::default(),
             policy: None,
+            pool: crate::mux::PoolConfig::default(),
         }
     }
 }
@@ -499,6 +502,7 @@ impl ProxyConfig {
                 ));
             }
         }
+        self.pool.validate()?;
         if self.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "0", "must be at least 1"));
         }
@@ -555,7 +559,11 @@ mod tests {
         assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), full, "{text}");
         let c = ProxyConfig::from_yaml("limits:\n  idle_timeout: 5m\n").unwrap();
         assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(300));
-        assert_eq!(c.limits.header_timeout.0, Duration::from_secs(20), "default");
+        assert_eq!(
+            c.limits.header_timeout.0,
+            Duration::from_secs(20),
+            "default"
+        );
         let c = ProxyConfig::from_yaml("limits:\n  header_timeout: 4s\n").unwrap();
         assert_eq!(c.limits.header_timeout.0, Duration::from_secs(4));
         let zero = ProxyConfig::from_yaml("limits:\n  header_timeout: 0s\n").unwrap();

@@ -31,6 +31,11 @@ pub struct ProxyContext {
     pub shutdown: watch::Receiver<bool>,
     /// Pooled HTTP clients to local apps (`http` ports).
     pub app_clients: crate::http::AppClients,
+    /// Pooled, multiplexed mTLS to peer proxies (`None`: one handshake per connection, and
+    /// inbound does not offer `svidcar-mux/1`).
+    pub pool: Option<Arc<crate::mux::client::Pool>>,
+    /// Concurrent streams accepted per inbound multiplexed connection.
+    pub mux_max_streams: u32,
 }
 
 impl ProxyContext {

@@ -101,6 +101,10 @@ pub struct Credentials {
     client_stores: HashMap<ExpectedPeer, Arc<dyn ClientSessionStore>>,
     server_resumption: ServerResumption,
     metrics: Metrics,
+    /// Offer `svidcar-mux/1` (inbound) and ask for it (outbound) before `svidcar/1`.
+    mux: bool,
+    /// TLS session resumption on outbound connections.
+    client_resumption: bool,
 }
 
 impl Credentials {
@@ -118,7 +122,17 @@ impl Credentials {
             client_stores,
             server_resumption: ServerResumption::new(4096)?,
             metrics,
+            mux: false,
+            client_resumption: true,
         })
+    }
+
+    /// Sets the ALPN offer (`mux`: `svidcar-mux/1` then `svidcar/1`, else `svidcar/1` only) and
+    /// whether outbound handshakes try session resumption. Takes effect at the next install.
+    pub fn with_options(mut self, mux: bool, client_resumption: bool) -> Self {
+        self.mux = mux;
+        self.client_resumption = client_resumption;
+        self
     }
 
     /// The credentials to use for a new connection, or `None` if we hold no valid SVID
@@ -156,10 +170,27 @@ impl Credentials {
                 actual,
             });
         }
-        let server = tls::server_config(svid, bundles.clone(), &self.server_resumption)?;
+        let mut server = tls::server_config(svid, bundles.clone(), &self.server_resumption)?;
+        if self.mux {
+            let mut s = Arc::unwrap_or_clone(server);
+            s.alpn_protocols = vec![tls::ALPN_SVIDCAR_MUX.to_vec(), tls::ALPN_SVIDCAR.to_vec()];
+            server = Arc::new(s);
+        }
         let mut clients = HashMap::with_capacity(self.client_stores.len());
         for (expected, store) in &self.client_stores {
-            let cfg = tls::client_config(svid, bundles.clone(), expected.clone(), store.clone())?;
+            let mut cfg =
+                tls::client_config(svid, bundles.clone(), expected.clone(), store.clone())?;
+            if self.mux || !self.client_resumption {
+                let mut c = Arc::unwrap_or_clone(cfg);
+                if self.mux {
+                    c.alpn_protocols =
+                        vec![tls::ALPN_SVIDCAR_MUX.to_vec(), tls::ALPN_SVIDCAR.to_vec()];
+                }
+                if !self.client_resumption {
+                    c.resumption = rustls::client::Resumption::disabled();
+                }
+                cfg = Arc::new(c);
+            }
             clients.insert(expected.clone(), cfg);
         }
         let installed = Arc::new(Installed {

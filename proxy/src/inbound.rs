@@ -217,6 +217,19 @@ pub async fn handle(
                 );
                 return reset(tls.into_inner().0);
             };
+            if tls.get_ref().1.alpn_protocol() == Some(crate::mux::ALPN_SVIDCAR_MUX) {
+                // A pooling peer proxy: one logical connection per stream (crate::mux).
+                let facts = crate::mux::server::MuxFacts {
+                    peer,
+                    own: own.id.clone(),
+                    src,
+                    dst,
+                    app_port,
+                    protocol,
+                    max_streams: ctx.mux_max_streams,
+                };
+                return Box::pin(crate::mux::server::serve(ctx.clone(), tls, facts)).await;
+            }
             if protocol == Protocol::Http {
                 let facts = ConnFacts {
                     peer: Some(peer),
@@ -264,7 +277,7 @@ pub async fn handle(
 }
 
 /// An `http` port: per-request authorization and forwarding (see [`crate::http`]).
-async fn serve_http<S>(ctx: &ProxyContext, stream: S, facts: ConnFacts, access: Access)
+pub(crate) async fn serve_http<S>(ctx: &ProxyContext, stream: S, facts: ConnFacts, access: Access)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -303,7 +316,12 @@ async fn connect_from_passthrough(addr: SocketAddr) -> std::io::Result<TcpStream
     sock.connect(addr).await
 }
 
-async fn connect_app(ctx: &ProxyContext, access: &Access, app_port: u16) -> Option<TcpStream> {
+/// Connects to the local app (logs and counts a failure as `upstream_failed`).
+pub(crate) async fn connect_app(
+    ctx: &ProxyContext,
+    access: &Access,
+    app_port: u16,
+) -> Option<TcpStream> {
     let addr = SocketAddr::from(([127, 0, 0, 1], app_port));
     match tokio::time::timeout(ctx.limits.connect_timeout.0, connect_from_passthrough(addr)).await {
         Ok(Ok(s)) => Some(s),

@@ -18,6 +18,7 @@ pub mod http;
 pub mod inbound;
 pub mod linger;
 pub mod metrics;
+pub mod mux;
 pub mod outbound;
 pub mod policy_authz;
 pub mod policy_change;

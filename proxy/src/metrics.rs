@@ -51,6 +51,14 @@ pub struct DirLabels {
     pub direction: &'static str,
 }
 
+/// Labels of `svidcar_proxy_pool_lookups_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `hit` (a pooled connection had room) | `new` (a new connection) | `no_mux` (the peer does
+    /// not multiplex: one connection of its own).
+    pub result: &'static str,
+}
+
 /// All proxy metrics, cheap to clone (every metric is an `Arc` inside).
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -72,6 +80,14 @@ pub struct Metrics {
     pub svid_rotations: Counter,
     /// Open connections reset because a new policy denies them (POLICY.md §6).
     pub policy_change_resets: Family<DirLabels, Counter>,
+    /// Pooled outbound mTLS connections open now.
+    pub pool_connections_open: Gauge,
+    /// Outbound stream requests by how the pool served them.
+    pub pool_lookups: Family<ResultLabels, Counter>,
+    /// Multiplexed mTLS connections (`outbound`: opened by the pool, `inbound`: accepted).
+    pub mux_connections: Family<DirLabels, Counter>,
+    /// Streams (application connections) opened on multiplexed connections.
+    pub mux_streams: Family<DirLabels, Counter>,
 }
 
 impl Metrics {
@@ -125,7 +141,41 @@ impl Metrics {
             "X.509-SVIDs installed (first + rotations)",
             self.svid_rotations.clone(),
         );
+        r.register(
+            "pool_connections_open",
+            "Pooled outbound mTLS connections open now",
+            self.pool_connections_open.clone(),
+        );
+        r.register(
+            "pool_lookups",
+            "Outbound streams by pool result (hit, new, no_mux)",
+            self.pool_lookups.clone(),
+        );
+        r.register(
+            "mux_connections",
+            "Multiplexed mTLS connections opened (outbound) or accepted (inbound)",
+            self.mux_connections.clone(),
+        );
+        r.register(
+            "mux_streams",
+            "Streams (application connections) opened on multiplexed connections",
+            self.mux_streams.clone(),
+        );
         root
+    }
+
+    /// Counts a multiplexed connection.
+    pub fn mux_connection(&self, direction: &'static str) {
+        self.mux_connections
+            .get_or_create(&DirLabels { direction })
+            .inc();
+    }
+
+    /// Counts a stream on a multiplexed connection.
+    pub fn mux_stream(&self, direction: &'static str) {
+        self.mux_streams
+            .get_or_create(&DirLabels { direction })
+            .inc();
     }
 
     /// Counts a failed handshake.

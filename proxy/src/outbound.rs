@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use crate::authz::EgressAttrs;
 use crate::config::DstMatch;
 use crate::context::{reset, Access, ProxyContext};
+use crate::mux::client::{PoolKey, Refusal, Tls, Upstream};
 
 /// How long passthrough egress waits for a TLS ClientHello to read its SNI (server-first
 /// protocols send nothing and are decided without a name).
@@ -204,53 +205,104 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         );
         return reset(app);
     };
+    if let Some(pool) = &ctx.pool {
+        let key = PoolKey {
+            upstream: upstream.to_string(),
+            expect: expect.clone(),
+            serial: own.serial.clone(),
+        };
+        let dial = || dial(ctx, upstream, name.clone(), config.clone());
+        let up = Box::pin(pool.stream(&key, own.not_after, dial)).await;
+        return match up {
+            Ok(Upstream::Mux {
+                mut stream,
+                peer_id,
+                lease,
+            }) => {
+                access.peer_id = peer_id;
+                let mut app = app;
+                let revoked = crate::conn_registry::revoked(open.as_ref());
+                let idle = ctx.limits.idle_timeout.0;
+                let stats =
+                    copy::copy_bidirectional_until(&mut app, &mut stream, idle, revoked).await;
+                access.finished(&ctx.metrics, &stats);
+                if stats.failed() {
+                    // One side broke (e.g. the peer reset): a reset both ways, not a clean EOF.
+                    stream.reset();
+                    reset(app);
+                }
+                drop(lease);
+            }
+            Ok(Upstream::Plain(tls)) => {
+                plain(ctx, access, app, *tls, open.as_ref()).await;
+            }
+            Err(r) => {
+                access.refused(&ctx.metrics, r.outcome, &r.reason);
+                reset(app);
+            }
+        };
+    }
+    match dial(ctx, upstream, name, config).await {
+        Ok(tls) => plain(ctx, access, app, tls, open.as_ref()).await,
+        Err(r) => {
+            access.refused(&ctx.metrics, r.outcome, &r.reason);
+            reset(app);
+        }
+    }
+}
+
+/// TCP connect and mTLS handshake to `upstream` (the peer identity is checked by `config`'s
+/// verifier); a failed handshake is counted here.
+async fn dial<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
+    ctx: &ProxyContext,
+    upstream: A,
+    name: ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Tls, Refusal> {
+    let failed = |reason: String| Refusal {
+        outcome: "upstream_failed",
+        reason,
+    };
     let tcp = match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(upstream))
         .await
     {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            access.refused(
-                &ctx.metrics,
-                "upstream_failed",
-                &format!("cannot connect to {upstream}: {e}"),
-            );
-            return reset(app);
-        }
-        Err(_) => {
-            access.refused(
-                &ctx.metrics,
-                "upstream_failed",
-                &format!("timeout connecting to {upstream}"),
-            );
-            return reset(app);
-        }
+        Ok(Err(e)) => return Err(failed(format!("cannot connect to {upstream}: {e}"))),
+        Err(_) => return Err(failed(format!("timeout connecting to {upstream}"))),
     };
     let _ = tcp.set_nodelay(true);
     let connector = TlsConnector::from(config);
-    let tls =
-        match tokio::time::timeout(ctx.limits.handshake_timeout.0, connector.connect(name, tcp))
-            .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                let (label, msg) = svidcar_agent::tls::classify_handshake_error(&e);
-                ctx.metrics.handshake_failed("outbound", label);
-                access.refused(&ctx.metrics, "handshake_failed", &format!("{label}: {msg}"));
-                return reset(app);
-            }
-            Err(_) => {
-                ctx.metrics.handshake_failed("outbound", "timeout");
-                access.refused(
-                    &ctx.metrics,
-                    "handshake_failed",
-                    "timeout: TLS handshake took too long",
-                );
-                return reset(app);
-            }
-        };
+    match tokio::time::timeout(ctx.limits.handshake_timeout.0, connector.connect(name, tcp)).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => {
+            let (label, msg) = svidcar_agent::tls::classify_handshake_error(&e);
+            ctx.metrics.handshake_failed("outbound", label);
+            Err(Refusal {
+                outcome: "handshake_failed",
+                reason: format!("{label}: {msg}"),
+            })
+        }
+        Err(_) => {
+            ctx.metrics.handshake_failed("outbound", "timeout");
+            Err(Refusal {
+                outcome: "handshake_failed",
+                reason: "timeout: TLS handshake took too long".into(),
+            })
+        }
+    }
+}
+
+/// One application connection over its own mTLS connection (no pooling).
+async fn plain(
+    ctx: &ProxyContext,
+    mut access: Access,
+    app: TcpStream,
+    tls: Tls,
+    open: Option<&crate::conn_registry::OpenConn>,
+) {
     access.peer_id = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
     let (mut app, mut tls) = (app, tls);
-    let revoked = crate::conn_registry::revoked(open.as_ref());
+    let revoked = crate::conn_registry::revoked(open);
     let idle = ctx.limits.idle_timeout.0;
     let stats = copy::copy_bidirectional_until(&mut app, &mut tls, idle, revoked).await;
     access.finished(&ctx.metrics, &stats);

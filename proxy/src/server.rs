@@ -166,7 +166,18 @@ impl Proxy {
         }
         expected.sort();
         expected.dedup();
-        let creds = Arc::new(Credentials::new(expected, metrics.clone())?);
+        let pool_cfg = &config.pool;
+        let creds = Arc::new(
+            Credentials::new(expected, metrics.clone())?
+                .with_options(pool_cfg.enabled, pool_cfg.resumption),
+        );
+        let pool = pool_cfg
+            .enabled
+            .then(|| crate::mux::client::Pool::new(pool_cfg.clone(), metrics.clone()));
+        if let Some(p) = &pool {
+            tokio::spawn(p.clone().reap(creds.clone()));
+        }
+
         let (shutdown_tx, shutdown) = watch::channel(false);
         let max = config.limits.max_connections;
         let policy = authz.describe();
@@ -178,11 +189,14 @@ impl Proxy {
             conns: Arc::new(Semaphore::new(max)),
             shutdown,
             app_clients: crate::http::AppClients::new(),
+            pool,
+            mux_max_streams: pool_cfg.max_streams,
         });
         let state = AdminState {
             creds,
             registry: metrics.register(),
             listeners: described,
+            pool: pool_cfg.describe(),
             policy: policy.clone(),
             authz,
         };

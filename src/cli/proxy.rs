@@ -30,6 +30,7 @@ the effective result):
   limits:      {max_connections: 10000, handshake_timeout: 10s, idle_timeout: 1h,
                 drain_timeout: 20s, connect_timeout: 5s, header_timeout: 20s}
   egress:      {listen: 127.0.0.1:15080}   # explicit HTTP proxy (CONNECT)
+  pool:        {enabled: true, max_streams: 100, idle_timeout: 60s, resumption: true}
   policy:      /etc/svidcar/policy.yaml
 
 Admin: /ready (503 until an SVID is held and the policy loaded), /live, /metrics, /config.
@@ -74,6 +75,13 @@ pub struct ProxyCmd {
     /// SNI; refused CONNECT = 403), plain `http://` requests decided per request (403).
     #[arg(long = "egress-proxy", value_name = "ADDR")]
     egress_proxy: Option<std::net::SocketAddr>,
+    /// No pooled, multiplexed mTLS between proxies: one handshake per outbound connection, and
+    /// inbound does not offer ALPN `svidcar-mux/1` (sets `pool.enabled: false`).
+    #[arg(long)]
+    no_pool: bool,
+    /// No TLS session resumption on outbound handshakes (sets `pool.resumption: false`).
+    #[arg(long)]
+    no_resumption: bool,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -105,6 +113,12 @@ impl ProxyCmd {
         }
         if let Some(a) = self.egress_proxy {
             config.egress.listen = Some(a);
+        }
+        if self.no_pool {
+            config.pool.enabled = false;
+        }
+        if self.no_resumption {
+            config.pool.resumption = false;
         }
         config.validate()?;
         Ok(config)

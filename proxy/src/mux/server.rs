@@ -1,0 +1,214 @@
+//! Inbound `svidcar-mux/1`: an authenticated mTLS connection from a peer proxy that carries one
+//! HTTP/2 `CONNECT` stream per application connection.
+//!
+//! Each stream is a logical inbound connection with everything a plain one gets: its own access
+//! log line and metrics, a permit from the connection limit (full → `RST_STREAM(REFUSED_STREAM)`,
+//! counted as `overloaded`), the per-connection authorization (peer = the TLS peer's SPIFFE ID,
+//! port = the listener's app port), revocation by a policy change, and L7 per request on `http`
+//! ports. `:authority` must name the destination the TLS connection reached (else `421`).
+//! On shutdown the connection sends GOAWAY and lets its streams finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream};
+use http::{Method, Request, Response, StatusCode};
+use svidcar_agent::SpiffeId;
+use tokio::net::TcpStream;
+
+use super::stream::H2Stream;
+use super::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+use crate::authz::ConnAttrs;
+use crate::config::Protocol;
+use crate::context::{reset, Access, ProxyContext};
+use crate::copy;
+use crate::http::ConnFacts;
+
+const DIR: &str = "inbound";
+
+/// What every stream of one multiplexed connection shares.
+#[derive(Debug, Clone)]
+pub struct MuxFacts {
+    /// The authenticated peer (from the TLS handshake).
+    pub peer: SpiffeId,
+    /// Our ID.
+    pub own: SpiffeId,
+    /// The peer proxy's address.
+    pub src: SocketAddr,
+    /// The destination the TLS connection reached.
+    pub dst: SocketAddr,
+    /// The app port behind it.
+    pub app_port: u16,
+    /// tcp | http.
+    pub protocol: Protocol,
+    /// Concurrent streams accepted.
+    pub max_streams: u32,
+}
+
+/// Serves one `svidcar-mux/1` connection until the peer closes it (or after a graceful drain).
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    facts: MuxFacts,
+) {
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_streams(facts.max_streams)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(ctx.limits.handshake_timeout.0, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(src = %facts.src, peer_id = %facts.peer, error = %e, "mux: HTTP/2 start failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(src = %facts.src, peer_id = %facts.peer, "mux: HTTP/2 start timed out");
+            return;
+        }
+    };
+    ctx.metrics.mux_connection(DIR);
+    tracing::debug!(src = %facts.src, peer_id = %facts.peer, "mux connection open");
+    let facts = Arc::new(facts);
+    let mut shutdown = ctx.shutdown.clone();
+    let mut draining = false;
+    let mut streams = 0u64;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.wait_for(|s| *s), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            next = conn.accept() => next,
+        };
+        match next {
+            Some(Ok((req, respond))) => {
+                streams += 1;
+                tokio::spawn(Box::pin(stream(ctx.clone(), facts.clone(), req, respond)));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(src = %facts.src, error = %e, "mux connection ended with an error");
+                break;
+            }
+            None => break,
+        }
+    }
+    tracing::debug!(src = %facts.src, peer_id = %facts.peer, streams, "mux connection closed");
+}
+
+fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    if respond.send_response(resp, true).is_err() {
+        respond.send_reset(Reason::CANCEL);
+    }
+}
+
+/// One `CONNECT` stream = one logical inbound connection.
+async fn stream(
+    ctx: Arc<ProxyContext>,
+    facts: Arc<MuxFacts>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let mut access = Access::new(DIR, facts.src, facts.dst.to_string());
+    access.peer_id = Some(facts.peer.clone());
+    access.own_id = Some(facts.own.clone());
+    if req.method() != Method::CONNECT {
+        answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        return access.refused(
+            &ctx.metrics,
+            "refused",
+            &format!("mux: {} request (only CONNECT is served)", req.method()),
+        );
+    }
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    if authority.parse::<SocketAddr>().ok() != Some(facts.dst) {
+        answer(&mut respond, StatusCode::MISDIRECTED_REQUEST);
+        return access.refused(
+            &ctx.metrics,
+            "refused",
+            &format!(
+                "mux: CONNECT to {authority:?} on a connection that reached {}",
+                facts.dst
+            ),
+        );
+    }
+    let Ok(_permit) = ctx.conns.clone().try_acquire_owned() else {
+        ctx.metrics.overloaded.inc();
+        respond.send_reset(Reason::REFUSED_STREAM);
+        return access.refused(&ctx.metrics, "overloaded", "connection limit reached");
+    };
+    ctx.metrics.mux_stream(DIR);
+    ctx.metrics.open_connections.inc();
+    let _open = OpenGuard(&ctx.metrics);
+    if facts.protocol == Protocol::Http {
+        let Some(stream) = accept(&mut respond, req) else {
+            return access.refused(&ctx.metrics, "closed", "mux: stream reset by the peer");
+        };
+        let conn = ConnFacts {
+            peer: Some(facts.peer.clone()),
+            own: facts.own.clone(),
+            src: facts.src,
+            dst: facts.dst,
+            app_port: facts.app_port,
+            tls: true,
+        };
+        return crate::inbound::serve_http(&ctx, stream, conn, access).await;
+    }
+    let attrs = ConnAttrs {
+        peer: Some(&facts.peer),
+        own: &facts.own,
+        src: facts.src,
+        dst: facts.dst,
+        app_port: facts.app_port,
+        tls: true,
+    };
+    let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
+    if !access.decided(&ctx.metrics, DIR, &verdict) {
+        answer(&mut respond, StatusCode::FORBIDDEN);
+        return access.refused(
+            &ctx.metrics,
+            "denied",
+            &format!("denied by {}", verdict.rule),
+        );
+    }
+    let Some(app) = crate::inbound::connect_app(&ctx, &access, facts.app_port).await else {
+        return answer(&mut respond, StatusCode::BAD_GATEWAY);
+    };
+    let _ = app.set_nodelay(true);
+    let Some(mut peer) = accept(&mut respond, req) else {
+        access.refused(&ctx.metrics, "closed", "mux: stream reset by the peer");
+        return reset(app);
+    };
+    let mut app = app;
+    let revoked = crate::conn_registry::revoked(open.as_ref());
+    let idle = ctx.limits.idle_timeout.0;
+    let stats = copy::copy_bidirectional_until(&mut peer, &mut app, idle, revoked).await;
+    access.finished(&ctx.metrics, &stats);
+    if stats.failed() {
+        // One side broke: tell the other with a reset, not a clean end of stream.
+        peer.reset();
+        reset(app);
+    }
+}
+
+/// Answers `200` and returns the stream as a byte stream.
+fn accept(respond: &mut SendResponse<Bytes>, req: Request<RecvStream>) -> Option<H2Stream> {
+    let send = respond.send_response(Response::new(()), false).ok()?;
+    Some(H2Stream::new(send, req.into_body()))
+}
+
+/// Decrements the open-connections gauge when a stream ends.
+struct OpenGuard<'a>(&'a crate::metrics::Metrics);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
+}
