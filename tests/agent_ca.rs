@@ -63,10 +63,24 @@ async fn restart_keeps_the_root_and_key_files_are_private() {
         .fetch_jwt_bundles()
         .await
         .unwrap();
+    let own = |set: &svidcar_agent::bundle::BundleSet| {
+        set.get_by_name("svidcar.local").expect("own bundle").clone()
+    };
+    let (jwt_before, jwt_after) = (own(&jwt_before), own(&jwt_after));
     assert_eq!(
-        jwt_before, jwt_after,
+        jwt_before.jwt_authorities, jwt_after.jwt_authorities,
         "JWT authorities survive a restart too"
     );
+    // spiffe_sequence never goes back: federated peers ignore a bundle whose sequence is not
+    // above the one they hold.
+    assert!(
+        jwt_after.sequence > jwt_before.sequence,
+        "bundle sequence went from {} to {} across a restart",
+        jwt_before.sequence,
+        jwt_after.sequence
+    );
+    let persisted = std::fs::read_to_string(agent.state_dir.join("bundle-sequence")).unwrap();
+    assert_eq!(persisted.trim(), jwt_after.sequence.to_string());
 }
 
 #[tokio::test]

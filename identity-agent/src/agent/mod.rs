@@ -52,6 +52,8 @@ pub enum AgentError {
     Health { addr: String, reason: String },
     #[error("JWT signing key: {0}")]
     Jwt(String),
+    #[error("state directory: {0}")]
+    State(String),
     #[error("Workload API server: {0}")]
     Serve(String),
 }
@@ -119,6 +121,39 @@ fn load_jwt_signer(dir: &std::path::Path) -> Result<JwtSigner, AgentError> {
     Ok(signer)
 }
 
+/// The own bundle's `spiffe_sequence`, persisted in the state directory (`bundle-sequence`) so
+/// it keeps increasing across restarts, as SPIFFE federation requires of a bundle's sequence.
+struct Sequence {
+    path: std::path::PathBuf,
+    value: u64,
+}
+
+impl Sequence {
+    /// The last persisted value + 1 (1 on first start), written back at once.
+    fn load(dir: &std::path::Path) -> Result<Self, AgentError> {
+        let path = dir.join("bundle-sequence");
+        let last = match std::fs::read_to_string(&path) {
+            Ok(t) => t.trim().parse::<u64>().map_err(|e| {
+                AgentError::State(format!("{}: not a bundle sequence: {e}", path.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(AgentError::State(format!("{}: {e}", path.display()))),
+        };
+        let mut seq = Self { path, value: last };
+        seq.bump()
+            .map_err(|e| AgentError::State(format!("{}: {e}", seq.path.display())))?;
+        Ok(seq)
+    }
+
+    /// Increments and persists (the new value is used even if writing fails; the error is
+    /// returned for the caller to report).
+    fn bump(&mut self) -> std::io::Result<u64> {
+        self.value = self.value.saturating_add(1);
+        std::fs::write(&self.path, self.value.to_string())?;
+        Ok(self.value)
+    }
+}
+
 /// Runs the agent until `shutdown` completes: loads (or creates) the CA, starts the health
 /// listener, federation watchers and the CA rotation schedule, then serves the Workload API on
 /// the unix socket. The socket file is removed on the way out.
@@ -136,10 +171,10 @@ pub async fn run(
         SystemTime::now(),
     )?;
     let jwt = Arc::new(load_jwt_signer(&config.state_dir)?);
-    let mut sequence = 1;
+    let mut sequence = Sequence::load(&config.state_dir)?;
     let initial = TrustState {
         signer: cas.active().clone(),
-        bundle: Arc::new(own_bundle(&config.trust_domain, &cas, &jwt, sequence)),
+        bundle: Arc::new(own_bundle(&config.trust_domain, &cas, &jwt, sequence.value)),
         federated: Arc::new(federation::load_initial(&config.federation)),
         jwt: jwt.clone(),
         bundles_version: 1,
@@ -194,8 +229,11 @@ pub async fn run(
                 match cas.tick(SystemTime::now()) {
                     Ok(false) => {}
                     Ok(true) => {
-                        sequence += 1;
-                        let bundle = Arc::new(own_bundle(&td, &cas, &jwt, sequence));
+                        if let Err(e) = sequence.bump() {
+                            tracing::warn!(error = %e, path = %sequence.path.display(),
+                                "cannot persist the bundle sequence; a restart may reuse it");
+                        }
+                        let bundle = Arc::new(own_bundle(&td, &cas, &jwt, sequence.value));
                         let signer = cas.active().clone();
                         metrics.set_ca_not_after(signer.not_after);
                         state_tx.send_modify(|s| {
