@@ -64,7 +64,9 @@ async fn restart_keeps_the_root_and_key_files_are_private() {
         .await
         .unwrap();
     let own = |set: &svidcar_agent::bundle::BundleSet| {
-        set.get_by_name("svidcar.local").expect("own bundle").clone()
+        set.get_by_name("svidcar.local")
+            .expect("own bundle")
+            .clone()
     };
     let (jwt_before, jwt_after) = (own(&jwt_before), own(&jwt_after));
     assert_eq!(

@@ -284,7 +284,11 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
                 .map(|v| v.split_whitespace().collect::<Vec<_>>())
                 .unwrap_or_default()
         };
-        assert_eq!(field("Uid:"), [uid; 4], "sidecar UIDs (real, effective, saved, fs)");
+        assert_eq!(
+            field("Uid:"),
+            [uid; 4],
+            "sidecar UIDs (real, effective, saved, fs)"
+        );
         assert_eq!(field("Gid:"), [uid; 4], "sidecar GIDs");
         for caps in ["CapPrm:", "CapEff:", "CapInh:", "CapAmb:"] {
             assert_eq!(
@@ -294,7 +298,9 @@ fn curl_to_nginx_across_two_pods_is_mtls_and_authorized() {
             );
         }
         assert!(
-            field("Name:").first().is_some_and(|c| c.starts_with("svidcar")),
+            field("Name:")
+                .first()
+                .is_some_and(|c| c.starts_with("svidcar")),
             "pid {} is the sidecar itself, not a wrapper: {:?}",
             side.child.id(),
             field("Name:")
