@@ -1,31 +1,39 @@
 //! The hot path: bidirectional byte copying between the two sides of a proxied connection.
 //!
-//! - [`copy_bidirectional`]: for any pair of streams (TLS or TCP). Each direction owns one
-//!   reusable buffer that starts small ([`MIN_BUF`]), doubles while reads fill it (bulk traffic,
-//!   up to [`MAX_BUF`]) and halves again after a run of small reads, so idle connections do not
-//!   keep large buffers. No allocation per chunk.
+//! - [`copy_bidirectional`]: for any pair of streams (TLS or TCP). One poll-driven future owns
+//!   both streams (no `split` lock per poll) and moves both directions. Each direction has a
+//!   buffer that starts at [`MIN_BUF`], grows 1 KiB → 16 KiB → [`MAX_BUF`] while reads fill it
+//!   (bulk traffic) and steps down again after a run of small reads. A small (light-traffic)
+//!   buffer is given back whenever its reader would block, so an idle connection holds no copy
+//!   buffer at all. Written bytes are flushed only when the reader would block (TLS needs the
+//!   flush to emit its records; for TCP it is free), not once per chunk.
 //! - [`splice_bidirectional`]: plaintext TCP ↔ TCP with `splice(2)` through a kernel pipe (no
 //!   copy into user space), used for permissive plaintext and passthrough.
 //!
 //! Both half-close correctly: when one side ends its writes (EOF), the write side of the other
 //! is shut down and the opposite direction keeps flowing until it ends too. An error in either
-//! direction ends the connection. Both stop after `idle` without bytes in either direction.
-//! The `_until` variants also stop when a `stop` future resolves (a policy change that now
-//! denies the connection: [`CopyEnd::PolicyReset`]).
+//! direction ends the connection ([`CopyEnd::Error`]: the caller resets both sockets). Both stop
+//! after `idle` without bytes in either direction. The `_until` variants also stop when a `stop`
+//! future resolves (a policy change that now denies the connection: [`CopyEnd::PolicyReset`]).
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Initial per-direction buffer size.
-pub const MIN_BUF: usize = 4 * 1024;
+/// Initial (and light-traffic) per-direction buffer size.
+pub const MIN_BUF: usize = 1024;
+/// Middle step of the buffer ladder (one full TLS record).
+const MID_BUF: usize = 16 * 1024;
 /// Largest per-direction buffer (four full TLS records).
 pub const MAX_BUF: usize = 64 * 1024;
-/// Consecutive small reads after which a grown buffer is halved.
+/// Consecutive small reads (under a quarter of the buffer) after which a grown buffer steps down.
 const SHRINK_AFTER: u32 = 16;
 
 /// How a copy ended.
@@ -60,6 +68,246 @@ impl CopyStats {
     }
 }
 
+/// The size ladder of one direction's buffer: grows under bulk traffic, steps down when light.
+#[derive(Debug)]
+struct BufSize {
+    size: usize,
+    small_reads: u32,
+}
+
+impl BufSize {
+    fn new() -> Self {
+        Self {
+            size: MIN_BUF,
+            small_reads: 0,
+        }
+    }
+
+    /// Adjusts the size after a read of `n` bytes into a buffer of the current size.
+    fn observe(&mut self, n: usize) {
+        if n >= self.size && self.size < MAX_BUF {
+            self.size = if self.size < MID_BUF {
+                MID_BUF
+            } else {
+                MAX_BUF
+            };
+            self.small_reads = 0;
+        } else if n < self.size / 4 && self.size > MIN_BUF {
+            self.small_reads += 1;
+            if self.small_reads >= SHRINK_AFTER {
+                self.size = if self.size > MID_BUF {
+                    MID_BUF
+                } else {
+                    MIN_BUF
+                };
+                self.small_reads = 0;
+            }
+        } else {
+            self.small_reads = 0;
+        }
+    }
+}
+
+/// One direction (reader → writer) of a bidirectional copy.
+#[derive(Debug)]
+struct Direction {
+    /// The buffer, allocated on demand; `buf[pos..end]` is read but not yet written.
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    end: usize,
+    size: BufSize,
+    /// The reader reached EOF.
+    eof: bool,
+    /// Bytes were written since the last flush.
+    need_flush: bool,
+    /// Write side shut down after EOF: this direction is finished.
+    done: bool,
+    /// Bytes copied.
+    bytes: u64,
+}
+
+impl Direction {
+    fn new() -> Self {
+        Self {
+            buf: None,
+            pos: 0,
+            end: 0,
+            size: BufSize::new(),
+            eof: false,
+            need_flush: false,
+            done: false,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes of buffer held right now (0 when idle on light traffic).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Moves bytes until the reader would block (after flushing), the writer would block, or
+    /// the direction finished (EOF passed on as a write shutdown).
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.end && !self.eof {
+                let want = self.size.size;
+                let buf = match &mut self.buf {
+                    Some(b) if b.len() == want => b,
+                    slot => slot.insert(vec![0u8; want].into_boxed_slice()),
+                };
+                let mut rb = ReadBuf::new(buf);
+                match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        if self.size.size == MIN_BUF {
+                            // Light traffic: hold no buffer while waiting.
+                            self.buf = None;
+                        }
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                            self.buf = None;
+                        } else {
+                            self.pos = 0;
+                            self.end = n;
+                            self.size.observe(n);
+                        }
+                    }
+                }
+            }
+            if let Some(buf) = &self.buf {
+                while self.pos < self.end {
+                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.pos..self.end]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.pos += n;
+                    self.bytes += n as u64;
+                    self.need_flush = true;
+                }
+            }
+            if self.eof {
+                // Half-close: pass the EOF on, keep the other direction running.
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// The idle timer: re-armed lazily (only when it fires) from the time of the last progress.
+struct IdleTimer<'a> {
+    idle: Duration,
+    last: Instant,
+    sleep: Pin<&'a mut tokio::time::Sleep>,
+}
+
+impl<'a> IdleTimer<'a> {
+    fn new(idle: Duration, last: Instant, sleep: Pin<&'a mut tokio::time::Sleep>) -> Self {
+        Self { idle, last, sleep }
+    }
+
+    fn touch(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Ready when `idle` passed since the last [`IdleTimer::touch`].
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.sleep.as_mut().poll(cx));
+            let deadline = self.last + self.idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+/// Copies `a` ⇄ `b` until both sides closed, an error, or `idle` without traffic. Pass
+/// `&mut stream` to keep the streams (e.g. to reset them when [`CopyStats::failed`]).
+pub async fn copy_bidirectional<A, B>(a: A, b: B, idle: Duration) -> CopyStats
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    copy_bidirectional_until(a, b, idle, std::future::pending()).await
+}
+
+/// [`copy_bidirectional`] that also ends ([`CopyEnd::PolicyReset`]) when `stop` resolves.
+pub async fn copy_bidirectional_until<A, B, S>(
+    mut a: A,
+    mut b: B,
+    idle: Duration,
+    stop: S,
+) -> CopyStats
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    S: Future<Output = String>,
+{
+    let mut up = Direction::new();
+    let mut down = Direction::new();
+    let start = Instant::now();
+    let sleep = std::pin::pin!(tokio::time::sleep_until(start + idle));
+    let mut timer = IdleTimer::new(idle, start, sleep);
+    let mut stop = std::pin::pin!(stop);
+    let end = std::future::poll_fn(|cx| {
+        if let Poll::Ready(rule) = stop.as_mut().poll(cx) {
+            return Poll::Ready(CopyEnd::PolicyReset(rule));
+        }
+        let before = up.bytes + down.bytes;
+        if !up.done {
+            if let Poll::Ready(Err(e)) = up.poll_copy(cx, Pin::new(&mut a), Pin::new(&mut b)) {
+                return Poll::Ready(CopyEnd::Error(e.to_string()));
+            }
+        }
+        if !down.done {
+            if let Poll::Ready(Err(e)) = down.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut a)) {
+                return Poll::Ready(CopyEnd::Error(e.to_string()));
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(CopyEnd::Closed);
+        }
+        if up.bytes + down.bytes != before {
+            timer.touch();
+        }
+        match timer.poll_expired(cx) {
+            Poll::Ready(()) => Poll::Ready(CopyEnd::IdleTimeout),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    CopyStats {
+        a_to_b: up.bytes,
+        b_to_a: down.bytes,
+        end,
+    }
+}
+
 /// Shared between the two directions and the idle watchdog (same task, atomics for `Send`).
 struct Progress {
     start: Instant,
@@ -90,65 +338,6 @@ impl Progress {
             b_to_a: self.b_to_a.load(Ordering::Relaxed),
             end,
         }
-    }
-}
-
-/// A reusable buffer that grows under bulk traffic and shrinks back when traffic is light.
-struct AdaptiveBuf {
-    buf: Vec<u8>,
-    small_reads: u32,
-}
-
-impl AdaptiveBuf {
-    fn new() -> Self {
-        Self {
-            buf: vec![0; MIN_BUF],
-            small_reads: 0,
-        }
-    }
-
-    /// Adjusts the size after a read of `n` bytes.
-    fn observe(&mut self, n: usize) {
-        let cap = self.buf.len();
-        if n == cap && cap < MAX_BUF {
-            self.buf.resize(cap * 2, 0);
-            self.small_reads = 0;
-        } else if n < cap / 4 && cap > MIN_BUF {
-            self.small_reads += 1;
-            if self.small_reads >= SHRINK_AFTER {
-                self.buf.truncate(cap / 2);
-                self.buf.shrink_to_fit();
-                self.small_reads = 0;
-            }
-        } else {
-            self.small_reads = 0;
-        }
-    }
-}
-
-async fn copy_one<R, W>(
-    mut r: R,
-    mut w: W,
-    counter: &AtomicU64,
-    progress: &Progress,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = AdaptiveBuf::new();
-    loop {
-        let n = r.read(&mut buf.buf).await?;
-        if n == 0 {
-            // Half-close: pass the EOF on, keep the other direction running.
-            w.shutdown().await?;
-            return Ok(());
-        }
-        w.write_all(&buf.buf[..n]).await?;
-        w.flush().await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        progress.touch();
-        buf.observe(n);
     }
 }
 
@@ -189,32 +378,6 @@ where
         }
     }
     CopyEnd::Closed
-}
-
-/// Copies `a` ⇄ `b` until both sides closed, an error, or `idle` without traffic. Pass
-/// `&mut stream` to keep the streams (e.g. to reset them when [`CopyStats::failed`]).
-pub async fn copy_bidirectional<A, B>(a: A, b: B, idle: Duration) -> CopyStats
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    copy_bidirectional_until(a, b, idle, std::future::pending()).await
-}
-
-/// [`copy_bidirectional`] that also ends ([`CopyEnd::PolicyReset`]) when `stop` resolves.
-pub async fn copy_bidirectional_until<A, B, S>(a: A, b: B, idle: Duration, stop: S) -> CopyStats
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-    S: std::future::Future<Output = String>,
-{
-    let progress = Progress::new();
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    let up = copy_one(ar, bw, &progress.a_to_b, &progress);
-    let down = copy_one(br, aw, &progress.b_to_a, &progress);
-    let end = drive(up, down, &progress, idle, stop).await;
-    progress.stats(end)
 }
 
 /// One direction of a splice copy: `from` → pipe → `to`.
@@ -291,20 +454,5 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buffer_grows_under_bulk_and_shrinks_when_light() {
-        let mut b = AdaptiveBuf::new();
-        for _ in 0..10 {
-            let n = b.buf.len();
-            b.observe(n);
-        }
-        assert_eq!(b.buf.len(), MAX_BUF);
-        for _ in 0..(SHRINK_AFTER * 6) {
-            b.observe(10);
-        }
-        assert_eq!(b.buf.len(), MIN_BUF);
-    }
-}
+#[path = "copy_tests.rs"]
+mod tests;
