@@ -121,7 +121,7 @@ fn deployment_with_annotations_and_passthrough_documents() {
         "inject-deployment",
         &["--image", "registry.example/svidcar:0.1.0"],
     );
-    assert_eq!(docs.len(), 3);
+    assert_eq!(docs.len(), 4);
     let input = std::fs::read_to_string(golden("inject-deployment.in.yaml")).unwrap();
     let output = std::fs::read_to_string(golden("inject-deployment.out.yaml")).unwrap();
     // Other kinds are copied byte for byte, comments included.
@@ -176,7 +176,26 @@ fn deployment_with_annotations_and_passthrough_documents() {
         .collect();
     assert_eq!(
         vols,
-        ["cache", "svidcar-agent-socket", "svidcar-init-scratch"]
+        [
+            "cache",
+            "svidcar-agent-socket",
+            "svidcar-init-scratch",
+            "svidcar-policy"
+        ]
+    );
+    // svidcar.io/policy-configmap: the ConfigMap mounted read-only and passed as --policy.
+    assert_eq!(spec["volumes"][3]["configMap"]["name"], "web-policy");
+    assert_eq!(proxy["volumeMounts"][1]["mountPath"], "/etc/svidcar/policy");
+    assert_eq!(proxy["volumeMounts"][1]["readOnly"], true);
+    let proxy_args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        proxy_args.ends_with(&["--policy", "/etc/svidcar/policy"]),
+        "{proxy_args:?}"
     );
     assert_eq!(
         spec["volumes"][1]["hostPath"]["path"],

@@ -106,3 +106,47 @@ async fn reload_keeps_old_set_on_error_then_applies_next_valid() {
     assert_eq!(decide_web(&w), "DENY block-web/rules[0]");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Publishes `text` the way the kubelet updates a ConfigMap volume (its "atomic writer"): the
+/// files go into a new hidden timestamped directory, the hidden `..data` symlink is swapped to
+/// it with a rename, and the old directory is removed; `policy.yaml` is a symlink to
+/// `..data/policy.yaml` that never changes itself.
+fn publish_configmap(dir: &Path, version: u32, text: &str) {
+    let data = format!("..2026_11_23_{version:04}");
+    std::fs::create_dir(dir.join(&data)).unwrap();
+    std::fs::write(dir.join(&data).join("policy.yaml"), text).unwrap();
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(&data, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    if !dir.join("policy.yaml").exists() {
+        std::os::unix::fs::symlink("..data/policy.yaml", dir.join("policy.yaml")).unwrap();
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_configmap_volume_update_is_reloaded_and_a_broken_one_rejected() {
+    let dir = temp_dir("configmap");
+    publish_configmap(&dir, 1, ALLOW_WEB);
+    let local = SpiffeId::parse("spiffe://td/api").unwrap();
+    let w = spawn_watcher_with(dir.clone(), local, Duration::from_millis(50)).unwrap();
+    assert_eq!(
+        decide_web(&w),
+        "ALLOW web/rules[0]",
+        "the hidden ..data directories are not loaded twice"
+    );
+
+    publish_configmap(&dir, 2, BROKEN);
+    wait_for("the broken ConfigMap to be counted", || {
+        w.reload_errors() >= 1
+    })
+    .await;
+    assert_eq!(decide_web(&w), "ALLOW web/rules[0]", "old set kept");
+
+    publish_configmap(&dir, 3, DENY_WEB);
+    wait_for("the updated ConfigMap to be applied", || w.reloads() >= 1).await;
+    assert_eq!(decide_web(&w), "DENY block-web/rules[0]");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -40,6 +40,10 @@ pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str = "svidcar.io/exclude-outbound
 pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "svidcar.io/exclude-outbound-cidrs";
 /// Proxy image override for this pod.
 pub const ANNOTATION_PROXY_IMAGE: &str = "svidcar.io/proxy-image";
+/// Name of a ConfigMap (in the pod's namespace) holding the pod's authorization policy files;
+/// mounted read-only at [`POLICY_MOUNT_PATH`] and passed as `--policy` (hot-reloaded when the
+/// ConfigMap changes).
+pub const ANNOTATION_POLICY_CONFIGMAP: &str = "svidcar.io/policy-configmap";
 
 /// Name of the injected sidecar container (its presence means "already injected").
 pub const PROXY_CONTAINER: &str = "svidcar-proxy";
@@ -49,6 +53,10 @@ pub const INIT_CONTAINER: &str = "svidcar-init";
 pub const SOCKET_VOLUME: &str = "svidcar-agent-socket";
 /// Name of the scratch volume for the init container (iptables lock file).
 pub const INIT_SCRATCH_VOLUME: &str = "svidcar-init-scratch";
+/// Name of the policy ConfigMap volume (with [`ANNOTATION_POLICY_CONFIGMAP`]).
+pub const POLICY_VOLUME: &str = "svidcar-policy";
+/// Where the policy ConfigMap is mounted inside the sidecar.
+pub const POLICY_MOUNT_PATH: &str = "/etc/svidcar/policy";
 /// Where the socket directory is mounted inside the sidecar.
 pub const SOCKET_MOUNT_PATH: &str = "/run/svidcar/sockets";
 /// File name of the agent's socket inside its directory.

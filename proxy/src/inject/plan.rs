@@ -6,8 +6,9 @@ use serde_json::Value;
 use super::sidecar::{self, Exclusions};
 use super::{
     InjectConfig, InjectError, ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
-    ANNOTATION_EXCLUDE_OUTBOUND_PORTS, ANNOTATION_INJECT, ANNOTATION_PROXY_IMAGE, INIT_CONTAINER,
-    INIT_SCRATCH_VOLUME, PROXY_CONTAINER, SOCKET_VOLUME,
+    ANNOTATION_EXCLUDE_OUTBOUND_PORTS, ANNOTATION_INJECT, ANNOTATION_POLICY_CONFIGMAP,
+    ANNOTATION_PROXY_IMAGE, INIT_CONTAINER, INIT_SCRATCH_VOLUME, POLICY_VOLUME, PROXY_CONTAINER,
+    SOCKET_VOLUME,
 };
 use crate::init::Cidr;
 
@@ -98,6 +99,16 @@ fn parse_list<T>(
         .collect()
 }
 
+/// A Kubernetes object name (RFC 1123 subdomain): ConfigMap names.
+fn is_object_name(name: &str) -> bool {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let ok_end = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    name.len() <= 253
+        && name.chars().all(ok_char)
+        && ok_end(name.chars().next())
+        && ok_end(name.chars().last())
+}
+
 fn parse_port(item: &str) -> Result<u16, String> {
     match item.parse::<u16>() {
         Ok(p) if p != 0 => Ok(p),
@@ -168,7 +179,7 @@ pub fn plan(object: &Value, kind: &str, config: &InjectConfig) -> Result<Plan, I
     let volume_names = names(spec.get("volumes"));
     if let Some(clash) = volume_names
         .iter()
-        .find(|n| **n == SOCKET_VOLUME || **n == INIT_SCRATCH_VOLUME)
+        .find(|n| **n == SOCKET_VOLUME || **n == INIT_SCRATCH_VOLUME || **n == POLICY_VOLUME)
     {
         return Err(malformed(&format!("a volume named {clash} already exists")));
     }
@@ -202,9 +213,24 @@ pub fn plan(object: &Value, kind: &str, config: &InjectConfig) -> Result<Plan, I
         None => config.image.as_str(),
     };
 
+    let policy = match annotation(object, &meta_ptr, ANNOTATION_POLICY_CONFIGMAP) {
+        Some(name) if !is_object_name(name) => {
+            return Err(InjectError::BadAnnotation {
+                key: ANNOTATION_POLICY_CONFIGMAP,
+                value: name.to_string(),
+                reason: "not a ConfigMap name (lowercase letters, digits, '-' and '.', at most \
+                         253)"
+                    .to_string(),
+            })
+        }
+        other => other,
+    };
+
     let init = sidecar::init_container(image, config, &exclusions);
-    let proxy = sidecar::proxy_container(image, config);
+    let proxy = sidecar::proxy_container(image, config, policy.is_some());
     let [socket_vol, scratch_vol] = sidecar::volumes(config);
+    let mut new_volumes = vec![socket_vol, scratch_vol];
+    new_volumes.extend(policy.map(sidecar::policy_volume));
     let mut ops = Vec::new();
     if spec.get("initContainers").is_some_and(Value::is_array) {
         // Inserted at the front, proxy then init, so the order is init, proxy, the rest.
@@ -217,12 +243,13 @@ pub fn plan(object: &Value, kind: &str, config: &InjectConfig) -> Result<Plan, I
         ));
     }
     if spec.get("volumes").is_some_and(Value::is_array) {
-        ops.push(PatchOp::add(format!("{spec_ptr}/volumes/-"), socket_vol));
-        ops.push(PatchOp::add(format!("{spec_ptr}/volumes/-"), scratch_vol));
+        for v in new_volumes {
+            ops.push(PatchOp::add(format!("{spec_ptr}/volumes/-"), v));
+        }
     } else {
         ops.push(PatchOp::add(
             format!("{spec_ptr}/volumes"),
-            Value::Array(vec![socket_vol, scratch_vol]),
+            Value::Array(new_volumes),
         ));
     }
     Ok(Plan::Patch(ops))

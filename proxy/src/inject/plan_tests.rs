@@ -73,3 +73,68 @@ fn bad_image_annotation_is_refused() {
     let err = plan(&p, "Pod", &InjectConfig::default()).unwrap_err();
     assert!(err.to_string().contains("svidcar.io/proxy-image"), "{err}");
 }
+
+#[test]
+fn a_policy_configmap_is_mounted_read_only_and_passed_as_policy() {
+    let p = pod(
+        json!({"containers": [{"name": "a", "image": "a"}], "volumes": [{"name": "data", "emptyDir": {}}]}),
+        json!({"svidcar.io/policy-configmap": "shop-policy"}),
+    );
+    let Ok(Plan::Patch(ops)) = plan(&p, "Pod", &InjectConfig::default()) else {
+        panic!("expected a patch")
+    };
+    let proxy = &ops[0].value[1];
+    assert_eq!(proxy["name"], "svidcar-proxy");
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(args[args.len() - 2..], ["--policy", "/etc/svidcar/policy"]);
+    let mount = proxy["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "svidcar-policy")
+        .expect("policy mount");
+    assert_eq!(mount["mountPath"], "/etc/svidcar/policy");
+    assert_eq!(mount["readOnly"], true);
+    let volume = ops
+        .iter()
+        .map(|o| &o.value)
+        .find(|v| v["name"] == "svidcar-policy")
+        .expect("policy volume appended");
+    assert_eq!(volume["configMap"]["name"], "shop-policy");
+    assert_eq!(volume["configMap"]["optional"], false);
+
+    // Without the annotation: no policy flag, no policy volume.
+    let plain = pod(
+        json!({"containers": [{"name": "a", "image": "a"}]}),
+        json!({}),
+    );
+    let Ok(Plan::Patch(ops)) = plan(&plain, "Pod", &InjectConfig::default()) else {
+        panic!("expected a patch")
+    };
+    let text = serde_json::to_string(&ops).unwrap();
+    assert!(
+        !text.contains("svidcar-policy") && !text.contains("--policy"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_bad_policy_configmap_name_is_refused() {
+    for bad in ["Shop", "-x", "x-", "a b", "a/b", ""] {
+        let p = pod(
+            json!({"containers": [{"name": "a", "image": "a"}]}),
+            json!({"svidcar.io/policy-configmap": bad}),
+        );
+        let err = plan(&p, "Pod", &InjectConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, InjectError::BadAnnotation { .. })
+                && err.to_string().contains("svidcar.io/policy-configmap"),
+            "{bad:?}: {err}"
+        );
+    }
+}

@@ -3,8 +3,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    InjectConfig, SocketVolume, INIT_CONTAINER, INIT_SCRATCH_VOLUME, PROXY_CONTAINER, SOCKET_FILE,
-    SOCKET_MOUNT_PATH, SOCKET_VOLUME,
+    InjectConfig, SocketVolume, INIT_CONTAINER, INIT_SCRATCH_VOLUME, POLICY_MOUNT_PATH,
+    POLICY_VOLUME, PROXY_CONTAINER, SOCKET_FILE, SOCKET_MOUNT_PATH, SOCKET_VOLUME,
 };
 use crate::init::{Cidr, DEFAULT_ADMIN_PORT, DEFAULT_PROXY_UID};
 
@@ -24,15 +24,25 @@ fn join<T: ToString>(items: &[T]) -> String {
         .join(",")
 }
 
-/// The native sidecar: an init container with `restartPolicy: Always`.
-pub(crate) fn proxy_container(image: &str, config: &InjectConfig) -> Value {
+/// The native sidecar: an init container with `restartPolicy: Always`. With a policy ConfigMap
+/// ([`policy_volume`]) it is mounted read-only and passed as `--policy`.
+pub(crate) fn proxy_container(image: &str, config: &InjectConfig, policy: bool) -> Value {
     let uid = DEFAULT_PROXY_UID;
+    let mut args = config.proxy_args.clone();
+    let mut mounts = vec![json!(
+        {"name": SOCKET_VOLUME, "mountPath": SOCKET_MOUNT_PATH, "readOnly": true}
+    )];
+    if policy {
+        args.extend(["--policy".to_string(), POLICY_MOUNT_PATH.to_string()]);
+        mounts
+            .push(json!({"name": POLICY_VOLUME, "mountPath": POLICY_MOUNT_PATH, "readOnly": true}));
+    }
     json!({
         "name": PROXY_CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "restartPolicy": "Always",
-        "args": config.proxy_args,
+        "args": args,
         "env": [
             {"name": "SPIFFE_ENDPOINT_SOCKET",
              "value": format!("unix://{SOCKET_MOUNT_PATH}/{SOCKET_FILE}")},
@@ -75,9 +85,16 @@ pub(crate) fn proxy_container(image: &str, config: &InjectConfig) -> Value {
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": SOCKET_VOLUME, "mountPath": SOCKET_MOUNT_PATH, "readOnly": true},
-        ],
+        "volumeMounts": mounts,
+    })
+}
+
+/// The volume of the pod's policy ConfigMap `name`. Not optional: a pod whose policy is missing
+/// does not start (rather than running without its policy).
+pub(crate) fn policy_volume(name: &str) -> Value {
+    json!({
+        "name": POLICY_VOLUME,
+        "configMap": {"name": name, "optional": false, "defaultMode": 0o444},
     })
 }
 
