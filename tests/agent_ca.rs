@@ -221,6 +221,115 @@ async fn ca_rotation_publishes_the_next_root_before_it_signs() {
     );
 }
 
+/// The agent's own JWT authorities (kid → key) as served by FetchJWTBundles.
+async fn own_jwt_keys(
+    agent: &Agent,
+) -> std::collections::BTreeMap<String, svidcar_agent::bundle::JwtKey> {
+    let set = WorkloadApiClient::connect(&agent.socket)
+        .await
+        .unwrap()
+        .fetch_jwt_bundles()
+        .await
+        .unwrap();
+    set.get_by_name("svidcar.local")
+        .unwrap()
+        .jwt_authorities
+        .clone()
+}
+
+/// A bundle set holding only the JWT key `kid` of `keys`.
+fn only_key(
+    keys: &std::collections::BTreeMap<String, svidcar_agent::bundle::JwtKey>,
+    kid: &str,
+) -> svidcar_agent::bundle::BundleSet {
+    let mut b = Bundle::new(TrustDomain::parse("svidcar.local").unwrap());
+    b.add_jwt_key(keys[kid].clone());
+    let mut set = svidcar_agent::bundle::BundleSet::new();
+    set.insert(b);
+    set
+}
+
+#[tokio::test]
+async fn jwt_keys_rotate_with_the_ca_and_old_tokens_stay_valid() {
+    let dir = TempDir::new("ca-jwt-rotate");
+    let agent = Agent::start_in(
+        dir.path(),
+        &[
+            "--ca-ttl",
+            "12s",
+            "--svid-ttl",
+            "2s",
+            "--jwt-svid-ttl",
+            "60s",
+            "--entry",
+            &Agent::self_entry("jwt"),
+        ],
+    );
+    let token = || async {
+        WorkloadApiClient::connect(&agent.socket)
+            .await
+            .unwrap()
+            .fetch_jwt_svid(&["aud".to_string()], None)
+            .await
+            .unwrap()
+            .remove(0)
+            .token
+    };
+    let signed_by = |t: &str, keys, kid: &str| {
+        svidcar_agent::jwt::validate(t, "aud", &only_key(keys, kid), SystemTime::now()).is_ok()
+    };
+    let first_keys = own_jwt_keys(&agent).await;
+    assert_eq!(first_keys.len(), 1, "one JWT key at start");
+    let first = first_keys.keys().next().unwrap().clone();
+    let old_token = token().await;
+    assert!(signed_by(&old_token, &first_keys, &first));
+
+    // The next key is published (with the next root) before it signs anything.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let keys = loop {
+        let keys = own_jwt_keys(&agent).await;
+        if keys.len() >= 2 {
+            break keys;
+        }
+        assert!(Instant::now() < deadline, "no next JWT key within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let second = keys.keys().find(|k| **k != first).unwrap().clone();
+    let t = token().await;
+    assert!(
+        signed_by(&t, &keys, &first) || signed_by(&t, &keys, &second),
+        "signed by a published key"
+    );
+
+    // Then it signs; the old key stays in the bundle while its tokens live.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = token().await;
+        if signed_by(&t, &keys, &second) {
+            break;
+        }
+        assert!(signed_by(&t, &keys, &first), "signed by an unpublished key");
+        assert!(
+            Instant::now() < deadline,
+            "the next JWT key did not start signing within 15 s:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = own_jwt_keys(&agent).await;
+    assert!(
+        after.contains_key(&first) && after.contains_key(&second),
+        "{after:?}"
+    );
+    let (id, _) = WorkloadApiClient::connect(&agent.socket)
+        .await
+        .unwrap()
+        .validate_jwt_svid(&old_token, "aud")
+        .await
+        .expect("a token of the retired key still validates");
+    assert_eq!(id.as_str(), "spiffe://svidcar.local/jwt");
+}
+
 #[tokio::test]
 async fn upstream_intermediate_signs_with_its_chain() {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType};

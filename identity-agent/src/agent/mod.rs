@@ -17,6 +17,7 @@ pub mod federation_client;
 pub mod grpc_health;
 pub mod grpc_reflection;
 pub mod health;
+pub mod jwt_keys;
 pub mod rotation;
 pub mod sds;
 pub mod sds_resources;
@@ -37,8 +38,9 @@ use crate::spiffe_id::TrustDomain;
 
 pub use config::{AgentConfig, AgentFile};
 
-use ca::SigningCa;
+use ca::{CaError, SigningCa};
 use health::Metrics;
+use jwt_keys::JwtKeys;
 use rotation::CaSet;
 
 /// Why the agent could not start or stopped.
@@ -86,39 +88,15 @@ impl TrustState {
     }
 }
 
-/// Builds our own bundle from the CA set and the JWT signer.
-fn own_bundle(td: &TrustDomain, cas: &CaSet, jwt: &JwtSigner, sequence: u64) -> Bundle {
+/// Builds our own bundle from the CA set and the JWT keys.
+fn own_bundle(td: &TrustDomain, cas: &CaSet, jwt: &JwtKeys, sequence: u64) -> Bundle {
     let mut b = Bundle::new(td.clone());
     b.x509_authorities = cas.bundle_authorities();
-    b.add_jwt_key(jwt.public_jwk());
+    for key in jwt.public_keys() {
+        b.add_jwt_key(key);
+    }
     b.sequence = sequence;
     b
-}
-
-/// Loads the JWT signing key from the state directory (`jwt-key.der`, 0600, and `jwt-kid`),
-/// generating it on first start, so tokens stay verifiable across restarts.
-fn load_jwt_signer(dir: &std::path::Path) -> Result<JwtSigner, AgentError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |e: &dyn std::fmt::Display| AgentError::Jwt(format!("{}: {e}", dir.display()));
-    let (key_path, kid_path) = (dir.join("jwt-key.der"), dir.join("jwt-kid"));
-    if let (Ok(key), Ok(kid)) = (std::fs::read(&key_path), std::fs::read_to_string(&kid_path)) {
-        return JwtSigner::from_pkcs8(kid.trim(), &key).map_err(|e| err(&e));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-    let signer = JwtSigner::generate().map_err(|e| err(&e))?;
-    let kid = signer.kid().to_string();
-    let der = signer.to_pkcs8().map_err(|e| err(&e))?;
-    let _ = std::fs::remove_file(&key_path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(|e| err(&e))?;
-    f.write_all(&der).map_err(|e| err(&e))?;
-    std::fs::write(&kid_path, kid).map_err(|e| err(&e))?;
-    Ok(signer)
 }
 
 /// The own bundle's `spiffe_sequence`, persisted in the state directory (`bundle-sequence`) so
@@ -170,13 +148,20 @@ pub async fn run(
         &config.state_dir,
         SystemTime::now(),
     )?;
-    let jwt = Arc::new(load_jwt_signer(&config.state_dir)?);
+    let mut jwt = JwtKeys::load(&config.state_dir).map_err(AgentError::Jwt)?;
+    jwt.follow(
+        cas.has_next(),
+        false,
+        SystemTime::now(),
+        config.jwt_svid_ttl,
+    )
+    .map_err(AgentError::Jwt)?;
     let mut sequence = Sequence::load(&config.state_dir)?;
     let initial = TrustState {
         signer: cas.active().clone(),
         bundle: Arc::new(own_bundle(&config.trust_domain, &cas, &jwt, sequence.value)),
         federated: Arc::new(federation::load_initial(&config.federation)),
-        jwt: jwt.clone(),
+        jwt: jwt.active().clone(),
         bundles_version: 1,
     };
     metrics.set_ca_not_after(initial.signer.not_after);
@@ -221,12 +206,26 @@ pub async fn run(
         let state_tx = state_tx.clone();
         let metrics = metrics.clone();
         let td = config.trust_domain.clone();
+        let token_ttl = config.jwt_svid_ttl;
         tasks.spawn(async move {
             loop {
                 let Some(at) = cas.next_event() else { return };
+                let at = jwt.next_expiry().map_or(at, |j| j.min(at));
                 let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
                 tokio::time::sleep(wait).await;
-                match cas.tick(SystemTime::now()) {
+                let now = SystemTime::now();
+                let serial = cas.active().serial_hex.clone();
+                let ticked = cas.tick(now).and_then(|ca_changed| {
+                    let activated = cas.active().serial_hex != serial;
+                    let jwt_changed = jwt
+                        .follow(cas.has_next(), activated, now, token_ttl)
+                        .map_err(|reason| CaError::Load {
+                            what: "JWT signing keys".into(),
+                            reason,
+                        })?;
+                    Ok(ca_changed || jwt_changed)
+                });
+                match ticked {
                     Ok(false) => {}
                     Ok(true) => {
                         if let Err(e) = sequence.bump() {
@@ -235,10 +234,12 @@ pub async fn run(
                         }
                         let bundle = Arc::new(own_bundle(&td, &cas, &jwt, sequence.value));
                         let signer = cas.active().clone();
+                        let jwt_signer = jwt.active().clone();
                         metrics.set_ca_not_after(signer.not_after);
                         state_tx.send_modify(|s| {
                             let mut n = (**s).clone();
                             n.signer = signer;
+                            n.jwt = jwt_signer;
                             n.bundle = bundle;
                             n.bundles_version += 1;
                             *s = Arc::new(n);

@@ -240,6 +240,11 @@ impl CaSet {
         &self.active
     }
 
+    /// True while a prepared next root is in the bundle, not signing yet.
+    pub fn has_next(&self) -> bool {
+        self.next.is_some()
+    }
+
     /// The X.509 authorities for our bundle, oldest first: retired roots, the active root
     /// (or upstream roots), and the prepared next root.
     pub fn bundle_authorities(&self) -> Vec<CertificateDer<'static>> {
