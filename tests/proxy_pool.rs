@@ -405,8 +405,8 @@ fn policy_denial_and_connection_limit_apply_per_stream() {
         1.0
     );
 
-    // Connection limit 2 on the backend: the pooled connection holds one, one stream the other.
-    let (limited, lim_in) = limits_backend(&mesh, app.port, "strict", &["max_connections: 2"]);
+    // Connection limit 1 on the backend: streams count, the pooled carrier connection does not.
+    let (limited, lim_in) = limits_backend(&mesh, app.port, "strict", &["max_connections: 1"]);
     let (_front2, lim_out) = mesh.frontend(lim_in, &backend_id());
     let mut held = KeepAlive::connect(addr(lim_out)).unwrap();
     let r = held.get("/");

@@ -10,16 +10,20 @@ SERVER_ID="spiffe://$TD/server"
 # Ports (loopback only). Backends: HTTP 20080, iperf3 20201.
 # Pair i (haproxy=1 stunnel=2 nginx=3 svidcar=4): client side plaintext 21i01 (HTTP) and
 # 21i02 (iperf3); server side mTLS 21i11 and 21i12. svidcar L7 route: 21403 -> 21413.
+# S4 only: svidcar client sides without the pool, 21404 (--no-pool: resumed handshakes) and
+# 21405 (--no-pool --no-resumption: full handshakes), both to 21411.
 B_HTTP=20080
 B_IPERF=20201
 pair_base() {
-    case "$1" in haproxy) echo 21100 ;; stunnel) echo 21200 ;; nginx) echo 21300 ;; svidcar|svidcar-l7) echo 21400 ;; esac
+    case "$1" in haproxy) echo 21100 ;; stunnel) echo 21200 ;; nginx) echo 21300 ;; svidcar|svidcar-*) echo 21400 ;; esac
 }
 # http_port SYSTEM / iperf_port SYSTEM: where the load tool connects.
 http_port() {
     case "$1" in
     direct) echo $B_HTTP ;;
     svidcar-l7) echo 21403 ;;
+    svidcar-nopool) echo 21404 ;;
+    svidcar-fullhs) echo 21405 ;;
     *) echo $(($(pair_base "$1") + 1)) ;;
     esac
 }
@@ -301,5 +305,17 @@ EOF
     PIDS_svidcar+=" $LAST_PID"
     [[ -n ${PIDS_svidcar_l7:-} ]] && PIDS_svidcar_l7+=" $LAST_PID"
     admin_ready $((b + 90)) && admin_ready $((b + 91))
+    if [[ ${WANT_S4:-0} == 1 ]]; then # S4 three ways: pooled (above), no pool resumed, full
+        local server_pid=${PIDS_svidcar%% *}
+        start_bg "svidcar client side (--no-pool)" "$d/client-nopool.log" "$d/bin/svidcar-client" proxy \
+            --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 93)) --no-pool \
+            --outbound "127.0.0.1:$((b + 4))=127.0.0.1:$((b + 11)),$SERVER_ID"
+        PIDS_svidcar_nopool="$server_pid $LAST_PID"
+        start_bg "svidcar client side (--no-pool --no-resumption)" "$d/client-fullhs.log" "$d/bin/svidcar-client" proxy \
+            --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 94)) --no-pool --no-resumption \
+            --outbound "127.0.0.1:$((b + 5))=127.0.0.1:$((b + 11)),$SERVER_ID"
+        PIDS_svidcar_fullhs="$server_pid $LAST_PID"
+        admin_ready $((b + 93)) && admin_ready $((b + 94))
+    fi
     if [[ -n ${PIDS_svidcar_l7:-} ]]; then admin_ready $((b + 92)); fi
 }

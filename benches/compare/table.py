@@ -10,7 +10,9 @@ import sys
 from collections import defaultdict
 from statistics import median
 
-ORDER = ["direct", "haproxy", "stunnel", "nginx", "svidcar", "svidcar-l7"]
+# svidcar: pooled mTLS (default); -nopool: one resumed handshake per connection; -fullhs: one
+# full handshake per connection (--no-pool --no-resumption, S4 only).
+ORDER = ["direct", "haproxy", "stunnel", "nginx", "svidcar", "svidcar-nopool", "svidcar-fullhs", "svidcar-l7"]
 
 
 def num(s):

@@ -31,6 +31,11 @@
 //!   drain_timeout: 20s
 //!   header_timeout: 20s                     # HTTP ports: request headers within this
 //! policy: /etc/svidcar/policy               # reserved for the policy engine
+//! pool:                                     # pooled mTLS between proxies (crate::mux)
+//!   enabled: true
+//!   max_streams: 100
+//!   idle_timeout: 60s
+//!   resumption: true
 //! ```
 
 use std::collections::BTreeMap;

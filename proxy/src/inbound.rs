@@ -218,7 +218,11 @@ pub async fn handle(
                 return reset(tls.into_inner().0);
             };
             if tls.get_ref().1.alpn_protocol() == Some(crate::mux::ALPN_SVIDCAR_MUX) {
-                // A pooling peer proxy: one logical connection per stream (crate::mux).
+                // A pooling peer proxy: one logical connection per stream (crate::mux). Each
+                // stream takes its own permit; the carrier connection gives its one back, so the
+                // limit and the drain count application connections, as without the pool.
+                drop(_permit);
+                ctx.metrics.open_connections.dec();
                 let facts = crate::mux::server::MuxFacts {
                     peer,
                     own: own.id.clone(),
@@ -228,7 +232,10 @@ pub async fn handle(
                     protocol,
                     max_streams: ctx.mux_max_streams,
                 };
-                return Box::pin(crate::mux::server::serve(ctx.clone(), tls, facts)).await;
+                Box::pin(crate::mux::server::serve(ctx.clone(), tls, facts)).await;
+                // Balances the accept loop's decrement.
+                ctx.metrics.open_connections.inc();
+                return;
             }
             if protocol == Protocol::Http {
                 let facts = ConnFacts {
