@@ -49,6 +49,7 @@ RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 ALL_PIDS=()
 PIDS_haproxy="" PIDS_stunnel="" PIDS_nginx="" PIDS_svidcar="" PIDS_svidcar_l7=""
+PIDS_svidcar_nopool="" PIDS_svidcar_fullhs=""
 
 cleanup() {
     local pid
@@ -211,6 +212,7 @@ ACTIVE=()
 for sys in "${SYSTEM_LIST[@]}"; do
     [[ $sys == direct ]] && { ACTIVE+=(direct); continue; }
     [[ $sys == svidcar ]] && has S2b && WANT_L7=1
+    [[ $sys == svidcar ]] && has S4 && WANT_S4=1
     if "start_$sys"; then ACTIVE+=("$sys"); else echo "!! $sys failed to start; left out (logs in $WORK/$sys)"; KEEP=1; fi
 done
 sleep 1
@@ -268,7 +270,8 @@ fi
 if has S4; then
     echo "== S4 connection churn: wrk -H 'Connection: close', $REPS reps (load $(loadavg))"
     for rep in $(seq "$REPS"); do
-        for sys in "${ACTIVE[@]}"; do
+        # svidcar three ways: pooled (default), --no-pool (resumed), --no-pool --no-resumption.
+        for sys in "${ACTIVE[@]}" ${PIDS_svidcar_nopool:+svidcar-nopool} ${PIDS_svidcar_fullhs:+svidcar-fullhs}; do
             record S4 "$sys" "$rep" -- wrk_run "$(http_port "$sys")" -H "Connection: close"
         done
     done
