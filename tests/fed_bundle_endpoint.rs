@@ -282,4 +282,36 @@ async fn two_agents_federate_over_https_spiffe_bundle_endpoints() {
     let mut set = BundleSet::new();
     set.insert(still);
     assert_eq!(verify(&b_chain, &set).unwrap(), "spiffe://b.test/workload");
+
+    // The refreshes are visible to operators: updates (first fetch, the rotation), failures
+    // since b.test went away, and when the last good fetch happened.
+    let (status, metrics) =
+        common::proxy::http_get(a.health.parse().unwrap(), "/metrics").expect("a.test metrics");
+    assert_eq!(status, 200);
+    let value = |needle: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let refreshes =
+        "svidcar_agent_federation_refreshes_total{trust_domain=\"b.test\",source=\"endpoint\"";
+    assert!(
+        value(&format!("{refreshes},result=\"updated\"}}")) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        value(&format!("{refreshes},result=\"error\"}}")) >= 1.0,
+        "{metrics}"
+    );
+    let last_ok = value("svidcar_agent_federation_last_success_seconds{trust_domain=\"b.test\"}");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        last_ok > now - 120.0 && last_ok <= now,
+        "last success {last_ok} vs now {now}"
+    );
 }

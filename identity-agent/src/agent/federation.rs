@@ -11,6 +11,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 
 use crate::agent::config::FederatedFile;
+use crate::agent::health::{FederationSource, Metrics, RefreshResult};
 use crate::agent::TrustState;
 use crate::bundle::Bundle;
 use crate::spiffe_id::TrustDomain;
@@ -43,10 +44,16 @@ pub fn read_bundle_file(td: &TrustDomain, path: &Path) -> Result<Bundle, String>
 
 /// Loads every federated file once at start; failures are logged and the domain is left out
 /// until its file becomes readable.
-pub fn load_initial(files: &[FederatedFile]) -> BTreeMap<TrustDomain, Bundle> {
+pub fn load_initial(files: &[FederatedFile], metrics: &Metrics) -> BTreeMap<TrustDomain, Bundle> {
     let mut out = BTreeMap::new();
     for f in files {
-        match read_bundle_file(&f.trust_domain, &f.path) {
+        let read = read_bundle_file(&f.trust_domain, &f.path);
+        let result = match read {
+            Ok(_) => RefreshResult::Updated,
+            Err(_) => RefreshResult::Error,
+        };
+        metrics.federation_refreshed(f.trust_domain.name(), FederationSource::File, result);
+        match read {
             Ok(b) => {
                 tracing::info!(trust_domain = %f.trust_domain, file = %f.path.display(), "loaded federated bundle");
                 out.insert(f.trust_domain.clone(), b);
@@ -69,7 +76,9 @@ pub async fn watch_file(
     f: FederatedFile,
     poll: Duration,
     state: Arc<watch::Sender<Arc<TrustState>>>,
+    metrics: Arc<Metrics>,
 ) {
+    let td = f.trust_domain.name().to_string();
     let mut last = stamp(&f.path);
     loop {
         tokio::time::sleep(poll).await;
@@ -81,6 +90,12 @@ pub async fn watch_file(
         match read_bundle_file(&f.trust_domain, &f.path) {
             Ok(b) => {
                 let changed = state.borrow().federated.get(&f.trust_domain) != Some(&b);
+                let result = if changed {
+                    RefreshResult::Updated
+                } else {
+                    RefreshResult::Unchanged
+                };
+                metrics.federation_refreshed(&td, FederationSource::File, result);
                 if changed {
                     tracing::info!(trust_domain = %f.trust_domain, authorities = b.x509_authorities.len(),
                         "federated bundle changed");
@@ -94,8 +109,11 @@ pub async fn watch_file(
                     });
                 }
             }
-            Err(e) => tracing::warn!(trust_domain = %f.trust_domain, error = %e,
-                "federated bundle file unreadable; keeping the previous bundle"),
+            Err(e) => {
+                metrics.federation_refreshed(&td, FederationSource::File, RefreshResult::Error);
+                tracing::warn!(trust_domain = %f.trust_domain, error = %e,
+                    "federated bundle file unreadable; keeping the previous bundle")
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::agent::config::{parse_duration, ConfigError};
+use crate::agent::health::{FederationSource, Metrics, RefreshResult};
 use crate::agent::TrustState;
 use crate::bundle::{Bundle, BundleSet};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
@@ -339,6 +340,7 @@ pub async fn poll(
     ep: FederationEndpoint,
     min_refresh: Duration,
     state: Arc<watch::Sender<Arc<TrustState>>>,
+    metrics: Arc<Metrics>,
 ) {
     let td = ep.trust_domain.clone();
     tracing::info!(trust_domain = %td, endpoint = %format!("https://{}:{}{}", ep.host, ep.port, ep.path),
@@ -352,7 +354,14 @@ pub async fn poll(
                 if b.is_empty() {
                     tracing::warn!(trust_domain = %td, "bundle endpoint serves an empty bundle: the domain is revoked");
                 }
-                if current.as_ref() != Some(&b) {
+                let changed = current.as_ref() != Some(&b);
+                let result = if changed {
+                    RefreshResult::Updated
+                } else {
+                    RefreshResult::Unchanged
+                };
+                metrics.federation_refreshed(td.name(), FederationSource::Endpoint, result);
+                if changed {
                     tracing::info!(trust_domain = %td, sequence = b.sequence,
                         x509_authorities = b.x509_authorities.len(), jwt_authorities = b.jwt_authorities.len(),
                         "federated bundle updated from its endpoint");
@@ -367,6 +376,11 @@ pub async fn poll(
                 }
             }
             Err(e) => {
+                metrics.federation_refreshed(
+                    td.name(),
+                    FederationSource::Endpoint,
+                    RefreshResult::Error,
+                );
                 tracing::warn!(trust_domain = %td, error = %e, "bundle endpoint fetch failed; keeping the last good bundle");
                 interval = interval.min(Duration::from_secs(30)).max(min_refresh);
             }

@@ -31,6 +31,28 @@ pub struct Metrics {
     /// Callers refused for lack of a matching entry.
     pub no_entry: Counter,
     ca_not_after: Gauge,
+    federation_refreshes: Family<Vec<(String, String)>, Counter>,
+    federation_last_success: Family<Vec<(String, String)>, Gauge>,
+}
+
+/// Where a federated bundle comes from (a metric label).
+#[derive(Debug, Clone, Copy)]
+pub enum FederationSource {
+    /// A SPIFFE bundle endpoint (`federation_endpoints`).
+    Endpoint,
+    /// A bundle file (`federation`).
+    File,
+}
+
+/// How one refresh of a federated bundle went (a metric label).
+#[derive(Debug, Clone, Copy)]
+pub enum RefreshResult {
+    /// A new bundle was published to workloads.
+    Updated,
+    /// Fetched or read, identical to the one held.
+    Unchanged,
+    /// Failed; the last good bundle is kept.
+    Error,
 }
 
 impl Default for Metrics {
@@ -49,6 +71,20 @@ impl Metrics {
         let attestation_failures = Family::default();
         let no_entry = Counter::default();
         let ca_not_after = Gauge::default();
+        let federation_refreshes = Family::default();
+        let federation_last_success = Family::default();
+        registry.register(
+            "federation_refreshes",
+            "Refreshes of federated bundles, by trust domain, source (endpoint|file) and result \
+             (updated|unchanged|error)",
+            federation_refreshes.clone(),
+        );
+        registry.register(
+            "federation_last_success_seconds",
+            "When each federated bundle was last fetched or read successfully (unix seconds): \
+             alert on time() minus this",
+            federation_last_success.clone(),
+        );
         registry.register(
             "x509_svids_issued",
             "X.509-SVIDs signed",
@@ -87,6 +123,41 @@ impl Metrics {
             attestation_failures,
             no_entry,
             ca_not_after,
+            federation_refreshes,
+            federation_last_success,
+        }
+    }
+
+    /// Counts one refresh of `trust_domain`'s federated bundle; a success also records when.
+    pub fn federation_refreshed(
+        &self,
+        trust_domain: &str,
+        source: FederationSource,
+        result: RefreshResult,
+    ) {
+        let source = match source {
+            FederationSource::Endpoint => "endpoint",
+            FederationSource::File => "file",
+        };
+        let outcome = match result {
+            RefreshResult::Updated => "updated",
+            RefreshResult::Unchanged => "unchanged",
+            RefreshResult::Error => "error",
+        };
+        self.federation_refreshes
+            .get_or_create(&vec![
+                ("trust_domain".into(), trust_domain.into()),
+                ("source".into(), source.into()),
+                ("result".into(), outcome.into()),
+            ])
+            .inc();
+        if !matches!(result, RefreshResult::Error) {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.federation_last_success
+                .get_or_create(&vec![("trust_domain".into(), trust_domain.into())])
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
         }
     }
 

@@ -160,7 +160,7 @@ pub async fn run(
     let initial = TrustState {
         signer: cas.active().clone(),
         bundle: Arc::new(own_bundle(&config.trust_domain, &cas, &jwt, sequence.value)),
-        federated: Arc::new(federation::load_initial(&config.federation)),
+        federated: Arc::new(federation::load_initial(&config.federation, &metrics)),
         jwt: jwt.active().clone(),
         bundles_version: 1,
     };
@@ -193,13 +193,19 @@ pub async fn run(
     }
     for ep in config.federation_endpoints.endpoints.iter().cloned() {
         let min = config.federation_endpoints.min_refresh;
-        tasks.spawn(federation_client::poll(ep, min, state_tx.clone()));
+        tasks.spawn(federation_client::poll(
+            ep,
+            min,
+            state_tx.clone(),
+            metrics.clone(),
+        ));
     }
     for f in config.federation.iter().cloned() {
         tasks.spawn(federation::watch_file(
             f,
             config.federation_poll,
             state_tx.clone(),
+            metrics.clone(),
         ));
     }
     {
