@@ -245,3 +245,70 @@ fn an_upstream_intermediate_of_another_domain_or_root_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_renewed_upstream_intermediate_is_picked_up_without_restart() {
+    let dir = TempDir::new("ca-multinode-renew");
+    let (root_dir, nodes) = (dir.path().join("root"), dir.path().join("nodes"));
+    ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_dir)]);
+    let issue = |extra: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "issue",
+            "--root-dir",
+            s(&root_dir),
+            "--trust-domain",
+            TD,
+            "--node",
+            "n1",
+            "--out",
+            s(&nodes),
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+    };
+    issue(&[]);
+    let agent = start_node(dir.path(), &nodes, "n1");
+    let first = context(&agent).await.svids[0].chain[1].clone();
+
+    // A broken renewal (truncated certificate file) is refused; the agent keeps signing with
+    // the intermediate it has.
+    let cert = nodes.join("n1-cert.pem");
+    let good = std::fs::read_to_string(&cert).unwrap();
+    std::fs::write(&cert, &good[..good.len() / 2]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !agent
+        .log_text()
+        .contains("cannot be used; keeping the current intermediate")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken renewal was not reported:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(context(&agent).await.svids[0].chain[1], first);
+
+    // A real renewal (new key, new intermediate) is used for new SVIDs, no restart.
+    issue(&["--force"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let ctx = loop {
+        let ctx = context(&agent).await;
+        if ctx.svids[0].chain[1] != first {
+            break ctx;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed intermediate was not picked up:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let id = verify_chain(&ctx.svids[0].chain, &ctx.bundles, UnixTime::now())
+        .expect("an SVID of the renewed intermediate verifies against the root");
+    assert_eq!(id.as_str(), format!("spiffe://{TD}/n1/app"));
+    assert!(agent
+        .log_text()
+        .contains("reloaded the upstream intermediate"));
+}

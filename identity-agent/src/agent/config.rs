@@ -183,7 +183,8 @@ impl AgentFile {
 pub enum CaSource {
     /// A root generated on first start and kept under the state directory.
     Embedded,
-    /// An intermediate (signed by an upstream root) loaded from files; not rotated by the agent.
+    /// An intermediate (signed by an upstream root) loaded from files; the agent does not rotate
+    /// it but reloads it when the files change (renewal by the operator or cert-manager).
     Upstream {
         cert: PathBuf,
         key: PathBuf,

@@ -23,6 +23,7 @@ pub mod sds;
 pub mod sds_resources;
 pub mod upstream_ca;
 pub mod upstream_check;
+pub mod upstream_files;
 pub mod workload_api;
 
 use std::collections::BTreeMap;
@@ -220,9 +221,11 @@ pub async fn run(
                 let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
                 tokio::time::sleep(wait).await;
                 let now = SystemTime::now();
-                let serial = cas.active().serial_hex.clone();
+                // The JWT key switches only when a prepared (published) root does, never on an
+                // upstream intermediate reload or an emergency new root.
+                let (had_next, serial) = (cas.has_next(), cas.active().serial_hex.clone());
                 let ticked = cas.tick(now).and_then(|ca_changed| {
-                    let activated = cas.active().serial_hex != serial;
+                    let activated = had_next && cas.active().serial_hex != serial;
                     let jwt_changed = jwt
                         .follow(cas.has_next(), activated, now, token_ttl)
                         .map_err(|reason| CaError::Load {

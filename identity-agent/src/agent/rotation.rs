@@ -20,8 +20,9 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::CertificateDer;
 
-use crate::agent::ca::{cert_validity, is_self_signed, CaError, SigningCa, BACKDATE};
+use crate::agent::ca::{cert_validity, CaError, SigningCa, BACKDATE};
 use crate::agent::config::CaSource;
+use crate::agent::upstream_files::UpstreamFiles;
 use crate::spiffe_id::TrustDomain;
 
 const CERT: &str = "ca-cert.pem";
@@ -44,9 +45,14 @@ enum Mode {
         dir: PathBuf,
     },
     Upstream {
+        td: TrustDomain,
+        files: UpstreamFiles,
         roots: Vec<CertificateDer<'static>>,
     },
 }
+
+/// How often the upstream files are checked for a renewed intermediate.
+const UPSTREAM_POLL: Duration = Duration::from_secs(5);
 
 /// The active CA, the prepared next one, and retired roots still in the bundle.
 pub struct CaSet {
@@ -63,7 +69,8 @@ fn io_err(what: impl Into<String>, e: impl std::fmt::Display) -> CaError {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+/// The certificates of a PEM file.
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let data = std::fs::read(path).map_err(|e| io_err(path.display().to_string(), e))?;
     rustls_pemfile::certs(&mut data.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -129,53 +136,20 @@ impl CaSet {
         match source {
             CaSource::Embedded => Self::load_embedded(td, ca_ttl, state_dir, now),
             CaSource::Upstream { cert, key, bundle } => {
-                Self::load_upstream(cert, key, bundle.as_deref(), td, now)
+                let files = UpstreamFiles::new(cert, key, bundle.as_deref());
+                let loaded = files.load(td, now)?;
+                Ok(Self {
+                    mode: Mode::Upstream {
+                        td: td.clone(),
+                        files,
+                        roots: loaded.roots,
+                    },
+                    active: Arc::new(loaded.signing),
+                    next: None,
+                    retired: Vec::new(),
+                })
             }
         }
-    }
-
-    fn load_upstream(
-        cert: &Path,
-        key: &Path,
-        bundle: Option<&Path>,
-        td: &TrustDomain,
-        now: SystemTime,
-    ) -> Result<Self, CaError> {
-        let certs = read_certs(cert)?;
-        let mut roots = Vec::new();
-        let mut chain = Vec::new();
-        for c in certs {
-            if is_self_signed(&c) {
-                roots.push(c);
-            } else {
-                chain.push(c);
-            }
-        }
-        if let Some(b) = bundle {
-            roots.extend(read_certs(b)?);
-        }
-        let signing = chain.first().cloned().ok_or_else(|| {
-            io_err(
-                cert.display().to_string(),
-                "no intermediate CA certificate (only roots)",
-            )
-        })?;
-        if roots.is_empty() {
-            return Err(io_err(
-                cert.display().to_string(),
-                "no root certificate for the bundle: append it to the cert file or give upstream bundle",
-            ));
-        }
-        let key_pem =
-            std::fs::read_to_string(key).map_err(|e| io_err(key.display().to_string(), e))?;
-        let active = SigningCa::from_pem(signing, &key_pem, chain)?;
-        crate::agent::upstream_check::check_upstream(&active, &roots, td, now)?;
-        Ok(Self {
-            mode: Mode::Upstream { roots },
-            active: Arc::new(active),
-            next: None,
-            retired: Vec::new(),
-        })
     }
 
     fn load_embedded(
@@ -249,7 +223,12 @@ impl CaSet {
     /// (or upstream roots), and the prepared next root.
     pub fn bundle_authorities(&self) -> Vec<CertificateDer<'static>> {
         match &self.mode {
-            Mode::Upstream { roots } => roots.clone(),
+            Mode::Upstream { roots, .. } => {
+                let mut v: Vec<_> = self.retired.iter().map(|r| r.cert.clone()).collect();
+                v.extend(roots.iter().cloned());
+                v.dedup();
+                v
+            }
             Mode::Embedded { .. } => {
                 let mut v: Vec<_> = self.retired.iter().map(|r| r.cert.clone()).collect();
                 v.push(self.active.cert.clone());
@@ -298,10 +277,10 @@ impl CaSet {
 
     /// The next time [`CaSet::tick`] has something to do.
     pub fn next_event(&self) -> Option<SystemTime> {
-        let Mode::Embedded { .. } = self.mode else {
-            return None;
+        let mut t = match self.mode {
+            Mode::Embedded { .. } => self.activate_at().unwrap_or_else(|| self.prepare_at()),
+            Mode::Upstream { .. } => SystemTime::now() + UPSTREAM_POLL,
         };
-        let mut t = self.activate_at().unwrap_or_else(|| self.prepare_at());
         for r in &self.retired {
             t = t.min(r.not_after);
         }
@@ -311,6 +290,9 @@ impl CaSet {
     /// Advances the rotation schedule to `now`. Returns true when the bundle or the active CA
     /// changed (and persists the change).
     pub fn tick(&mut self, now: SystemTime) -> Result<bool, CaError> {
+        if let Mode::Upstream { .. } = self.mode {
+            return Ok(self.tick_upstream(now));
+        }
         let Mode::Embedded { td, ttl, dir } = &self.mode else {
             return Ok(false);
         };
@@ -343,6 +325,40 @@ impl CaSet {
             changed = true;
         }
         Ok(changed)
+    }
+
+    /// Upstream mode: drops expired retired roots, and takes a renewed intermediate from the
+    /// files once they changed and pass the checks (its predecessor's roots stay in the bundle
+    /// until the predecessor expires, so SVIDs it signed keep verifying).
+    fn tick_upstream(&mut self, now: SystemTime) -> bool {
+        let before = self.retired.len();
+        self.retired.retain(|r| r.not_after > now);
+        let mut changed = self.retired.len() != before;
+        let Mode::Upstream { td, files, roots } = &mut self.mode else {
+            return changed;
+        };
+        if !files.changed() {
+            return changed;
+        }
+        match files.load(td, now) {
+            Ok(loaded) => {
+                let old = std::mem::replace(&mut self.active, Arc::new(loaded.signing));
+                for r in roots.iter().filter(|r| !loaded.roots.contains(r)) {
+                    self.retired.push(Retired {
+                        cert: r.clone(),
+                        not_after: old.not_after,
+                    });
+                }
+                *roots = loaded.roots;
+                tracing::info!(new = %self.active.serial_hex, old = %old.serial_hex,
+                    not_after = ?self.active.not_after,
+                    "reloaded the upstream intermediate from its files; new SVIDs are signed by it");
+                changed = true;
+            }
+            Err(e) => tracing::warn!(error = %e,
+                "the upstream CA files changed but cannot be used; keeping the current intermediate"),
+        }
+        changed
     }
 
     fn prepare(
