@@ -27,6 +27,24 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `svidcar ca issue` for `node` of trust domain `td` from the root in `root_dir` into `out`.
+fn ca_issue(root_dir: &Path, td: &str, node: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "ca",
+        "issue",
+        "--root-dir",
+        s(root_dir),
+        "--trust-domain",
+        td,
+        "--node",
+        node,
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    svidcar(&args)
+}
+
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
@@ -74,20 +92,9 @@ async fn two_nodes_share_one_trust_domain() {
     assert_eq!(mode(&root_dir), 0o700);
     assert_eq!(mode(&root_dir.join("root-key.pem")), 0o600);
     for node in ["node-a", "node-b"] {
-        let out = ok(&[
-            "ca",
-            "issue",
-            "--root-dir",
-            s(&root_dir),
-            "--trust-domain",
-            TD,
-            "--node",
-            node,
-            "--out",
-            s(&nodes),
-            "--ttl",
-            "2d",
-        ]);
+        let out = ca_issue(&root_dir, TD, node, &nodes, &["--ttl", "2d"]);
+        assert!(out.status.success());
+        let out = String::from_utf8_lossy(&out.stdout);
         assert!(!out.contains("PRIVATE KEY"), "keys are never printed");
         assert_eq!(mode(&nodes.join(format!("{node}-key.pem"))), 0o600);
     }
@@ -124,22 +131,7 @@ fn issue_refuses_another_trust_domain_and_overwrites() {
     let root_dir = dir.path().join("root");
     let nodes = dir.path().join("nodes");
     ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_dir)]);
-    let issue = |td: &str, extra: &[&str]| {
-        let mut args = vec![
-            "ca",
-            "issue",
-            "--root-dir",
-            s(&root_dir),
-            "--trust-domain",
-            td,
-            "--node",
-            "n1",
-            "--out",
-            s(&nodes),
-        ];
-        args.extend_from_slice(extra);
-        svidcar(&args)
-    };
+    let issue = |td: &str, extra: &[&str]| ca_issue(&root_dir, td, "n1", &nodes, extra);
     let out = issue("other.example", &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -203,18 +195,7 @@ fn an_upstream_intermediate_of_another_domain_or_root_is_refused_at_start() {
     );
     ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_a)]);
     ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_b)]);
-    ok(&[
-        "ca",
-        "issue",
-        "--root-dir",
-        s(&root_a),
-        "--trust-domain",
-        TD,
-        "--node",
-        "n1",
-        "--out",
-        s(&nodes),
-    ]);
+    assert!(ca_issue(&root_a, TD, "n1", &nodes, &[]).status.success());
     let (cert, key) = (nodes.join("n1-cert.pem"), nodes.join("n1-key.pem"));
     let upstream = |td: &str, bundle: &Path| {
         agent_refuses(
@@ -252,20 +233,12 @@ async fn a_renewed_upstream_intermediate_is_picked_up_without_restart() {
     let (root_dir, nodes) = (dir.path().join("root"), dir.path().join("nodes"));
     ok(&["ca", "init", "--trust-domain", TD, "--out", s(&root_dir)]);
     let issue = |extra: &[&str]| {
-        let mut args = vec![
-            "ca",
-            "issue",
-            "--root-dir",
-            s(&root_dir),
-            "--trust-domain",
-            TD,
-            "--node",
-            "n1",
-            "--out",
-            s(&nodes),
-        ];
-        args.extend_from_slice(extra);
-        ok(&args);
+        let out = ca_issue(&root_dir, TD, "n1", &nodes, extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     issue(&[]);
     let agent = start_node(dir.path(), &nodes, "n1");

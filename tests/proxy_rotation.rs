@@ -25,6 +25,22 @@ struct Traffic {
 }
 
 impl Traffic {
+    /// Asserts that no request failed (`what` says when, for the message); the successes.
+    fn assert_none_failed(&self, what: &str) -> u64 {
+        let (ok, failed) = (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        );
+        let errors = self.errors.lock().unwrap().clone();
+        assert_eq!(
+            failed,
+            0,
+            "{failed} failed requests of {}{what}: {errors:?}",
+            ok + failed
+        );
+        ok
+    }
+
     fn record(&self, r: std::io::Result<(u16, String)>, what: &str) {
         match r {
             Ok((200, b)) if b == "hello from app\n" => {
@@ -90,17 +106,7 @@ fn rotation_under_traffic_drops_nothing() {
     for t in threads {
         t.join().unwrap();
     }
-    let (ok, failed) = (
-        traffic.ok.load(Ordering::Relaxed),
-        traffic.failed.load(Ordering::Relaxed),
-    );
-    let errors = traffic.errors.lock().unwrap().clone();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} failed requests of {}: {errors:?}",
-        ok + failed
-    );
+    let ok = traffic.assert_none_failed("");
     assert!(ok >= 50, "too few requests went through: {ok}");
     let (b1, f1) = (installs(&backend), installs(&frontend));
     assert!(b1 - b0 >= 3.0, "backend rotated only {} times", b1 - b0);
@@ -145,17 +151,7 @@ fn ca_rotation_under_traffic_drops_nothing() {
         "the agent did not switch to the next root within 25 s:\n{}",
         mesh.agent.log_text()
     );
-    let (ok, failed) = (
-        traffic.ok.load(Ordering::Relaxed),
-        traffic.failed.load(Ordering::Relaxed),
-    );
-    let errors = traffic.errors.lock().unwrap().clone();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} failed requests of {} across the CA rotation: {errors:?}",
-        ok + failed
-    );
+    let ok = traffic.assert_none_failed(" across the CA rotation");
     assert!(
         ok - at_switch.min(ok) >= 50,
         "too few requests after the switch to the new root: {} of {ok}",
@@ -185,17 +181,7 @@ fn agent_restart_during_traffic_drops_nothing() {
     for t in threads {
         t.join().unwrap();
     }
-    let (ok, failed) = (
-        traffic.ok.load(Ordering::Relaxed),
-        traffic.failed.load(Ordering::Relaxed),
-    );
-    let errors = traffic.errors.lock().unwrap().clone();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} failed requests of {}: {errors:?}",
-        ok + failed
-    );
+    traffic.assert_none_failed(" around the agent restart");
     assert!(
         during >= 20,
         "too few requests while the agent was down: {during}"
