@@ -430,3 +430,49 @@ fn policy_denial_and_connection_limit_apply_per_stream() {
         }
     }
 }
+
+#[test]
+fn idle_pooled_connections_are_closed_and_reopened_on_demand() {
+    let mesh = Mesh::start("proxy-pool-idle", &[]);
+    let app = TestApp::start("app");
+    let (_backend, in_port) = mesh.backend(app.port, "strict");
+    let cfg = mesh.dir.path().join("pool-idle.yaml");
+    std::fs::write(&cfg, "pool:\n  idle_timeout: 1s\n  max_streams: 4\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let (frontend, out_port) = frontend_with(&mesh, in_port, &["--config", &cfg]);
+    let r = http_get(addr(out_port), "/");
+    assert!(matches!(&r, Ok((200, _))), "{r:?}");
+    assert_eq!(
+        frontend.metric_sum(&["svidcar_proxy_pool_connections_open"]),
+        1.0
+    );
+    // Idle for longer than idle_timeout: the pooled connection is closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while frontend.metric_sum(&["svidcar_proxy_pool_connections_open"]) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle pooled connection was never closed"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // 6 connections held at once with max_streams 4: two pooled connections.
+    let held: Vec<_> = (0..6)
+        .map(|_| {
+            let mut k = KeepAlive::connect(addr(out_port)).unwrap();
+            let r = k.get("/");
+            assert!(matches!(&r, Ok((200, _))), "{r:?}");
+            k
+        })
+        .collect();
+    assert_eq!(
+        frontend.metric_sum(&["svidcar_proxy_pool_connections_open"]),
+        2.0
+    );
+    drop(held);
+    assert_eq!(
+        frontend.metric_sum(&["svidcar_proxy_mux_connections_total", "outbound"]),
+        3.0
+    );
+    let (_, config) = http_get(frontend.admin, "/config").unwrap();
+    assert!(config.contains("\"max_streams\": 4"), "{config}");
+}
