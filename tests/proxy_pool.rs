@@ -165,6 +165,22 @@ fn half_close_app() -> u16 {
     port
 }
 
+/// An app that echoes everything back, then closes after the client's EOF.
+fn echo_app() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    port
+}
+
 /// An app that reads one byte and closes with the rest unread: the kernel resets.
 fn resetting_app() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -207,6 +223,30 @@ fn half_close_and_resets_cross_the_mux() {
         ),
         3.0
     );
+
+    // Bulk both ways at once, beyond the flow-control windows: every byte, in order.
+    let echo = echo_app();
+    let (_bulk_backend, bulk_in) = mesh.backend(echo, "strict");
+    let (_bulk_front, bulk_out) = mesh.frontend(bulk_in, &backend_id());
+    let s = TcpStream::connect(addr(bulk_out)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let data: Vec<u8> = (0..24 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let data = Arc::new(data);
+    let (mut w, d2) = (s.try_clone().unwrap(), data.clone());
+    let writer = thread::spawn(move || {
+        for chunk in d2.chunks(100_003) {
+            w.write_all(chunk).unwrap();
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len());
+    let mut r = s;
+    r.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == *data, "the echoed bytes differ");
 
     let reset_port = resetting_app();
     let (reset_backend, reset_in) = mesh.backend(reset_port, "strict");

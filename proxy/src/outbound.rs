@@ -224,7 +224,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
                 let revoked = crate::conn_registry::revoked(open.as_ref());
                 let idle = ctx.limits.idle_timeout.0;
                 let stats =
-                    copy::copy_bidirectional_until(&mut app, &mut stream, idle, revoked).await;
+                    crate::mux::pump::pump_until(&mut app, &mut stream, idle, revoked).await;
                 access.finished(&ctx.metrics, &stats);
                 if stats.failed() {
                     // One side broke (e.g. the peer reset): a reset both ways, not a clean EOF.

@@ -12,9 +12,11 @@
 //!   is END_STREAM (half-close), an error on either side is `RST_STREAM` and the other side
 //!   resets its TCP socket.
 //! - [`client::Pool`] (outbound), [`server::serve`] (inbound), [`stream::H2Stream`] (a stream as
-//!   `AsyncRead + AsyncWrite`, so the usual copy loop and the L7 server work on it).
+//!   `AsyncRead + AsyncWrite`, for the L7 server), [`pump::pump_until`] (socket ⇄ stream without
+//!   an extra copy, for TCP ports and outbound).
 
 pub mod client;
+pub mod pump;
 pub mod server;
 pub mod stream;
 

@@ -23,7 +23,6 @@ use super::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 use crate::authz::ConnAttrs;
 use crate::config::Protocol;
 use crate::context::{reset, Access, ProxyContext};
-use crate::copy;
 use crate::http::ConnFacts;
 
 const DIR: &str = "inbound";
@@ -189,7 +188,9 @@ async fn stream(
     let mut app = app;
     let revoked = crate::conn_registry::revoked(open.as_ref());
     let idle = ctx.limits.idle_timeout.0;
-    let stats = copy::copy_bidirectional_until(&mut peer, &mut app, idle, revoked).await;
+    let mut stats = super::pump::pump_until(&mut app, &mut peer, idle, revoked).await;
+    // Access-log convention: rx = from the connecting side (the peer).
+    std::mem::swap(&mut stats.a_to_b, &mut stats.b_to_a);
     access.finished(&ctx.metrics, &stats);
     if stats.failed() {
         // One side broke: tell the other with a reset, not a clean end of stream.

@@ -43,6 +43,12 @@ impl H2Stream {
         }
     }
 
+    /// The send half, the receive half and what was received but not read out yet (for
+    /// [`super::pump`]).
+    pub(super) fn parts(&mut self) -> (&mut SendStream<Bytes>, &mut RecvStream, &mut Bytes) {
+        (&mut self.send, &mut self.recv, &mut self.pending)
+    }
+
     /// Resets the stream (`RST_STREAM(CANCEL)`): the peer resets its side's TCP socket.
     pub fn reset(&mut self) {
         self.send.send_reset(Reason::CANCEL);
