@@ -516,3 +516,100 @@ fn idle_pooled_connections_are_closed_and_reopened_on_demand() {
     let (_, config) = http_get(frontend.admin, "/config").unwrap();
     assert!(config.contains("\"max_streams\": 4"), "{config}");
 }
+
+/// A hand-made `svidcar-mux/1` client (valid SVID of the frontend) probing the inbound side:
+/// only `CONNECT` is served, and every stream of a connection must name one `ip:port`.
+#[test]
+fn inbound_mux_refuses_other_methods_and_destinations() {
+    use common::hostile::{AgentCa, Leaf};
+    let mesh = Mesh::start("proxy-pool-hostile", &[]);
+    let app = TestApp::start("app");
+    let (backend, in_port) = mesh.backend(app.port, "strict");
+    let ca = AgentCa::load(&mesh.agent.state_dir);
+    let (chain, key) = ca.forge(&Leaf::svid(&format!("spiffe://{TD}/frontend")));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let statuses = rt.block_on(async move {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))))
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"svidcar-mux/1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", in_port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("backend").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"svidcar-mux/1"[..]));
+        let (client, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        let dst = format!("127.0.0.1:{in_port}");
+        for (method, uri) in [
+            ("GET", format!("http://{dst}/")),
+            ("CONNECT", dst.clone()),
+            ("CONNECT", "127.0.0.1:1".to_string()),
+            ("CONNECT", "example.com:80".to_string()),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(uri.as_str())
+                .body(())
+                .unwrap();
+            let mut c = client.clone().ready().await.unwrap();
+            let (resp, _send) = c.send_request(req, false).unwrap();
+            out.push(resp.await.map(|r| r.status().as_u16()).unwrap_or(0));
+        }
+        out
+    });
+    assert_eq!(statuses, vec![405, 200, 421, 421]);
+    backend.wait_log(&["outcome=\"refused\"", "only CONNECT is served"]);
+    backend.wait_log(&["outcome=\"refused\"", "127.0.0.1:1"]);
+}
+
+/// Accepts any server certificate (the probe above tests the server's side).
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

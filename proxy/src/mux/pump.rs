@@ -24,10 +24,10 @@ use super::io_error;
 use super::stream::H2Stream;
 use crate::copy::{CopyEnd, CopyStats};
 
-/// Socket read size (one DATA frame at most [`super::MAX_FRAME`]).
-const READ_CHUNK: usize = 64 * 1024;
-/// Below this spare capacity the read buffer is topped up before a read.
-const MIN_SPARE: usize = 4 * 1024;
+/// Smallest socket read buffer (light traffic).
+const MIN_READ: usize = 4 * 1024;
+/// Largest socket read buffer (bulk; one DATA frame, at most [`super::MAX_FRAME`]).
+const MAX_READ: usize = 256 * 1024;
 
 fn reset_error() -> io::Error {
     io::Error::new(
@@ -37,13 +37,29 @@ fn reset_error() -> io::Error {
 }
 
 /// Socket → stream.
-#[derive(Default)]
 struct Up {
+    /// Read buffer; given back whenever the socket has nothing to read, so an idle stream holds
+    /// none (its frozen parts live on in h2 until written).
     buf: BytesMut,
+    /// Size of the next read buffer: doubles while reads fill it, halves after small reads.
+    size: usize,
     pending: Bytes,
     eof: bool,
     done: bool,
     bytes: u64,
+}
+
+impl Default for Up {
+    fn default() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            size: MIN_READ,
+            pending: Bytes::new(),
+            eof: false,
+            done: false,
+            bytes: 0,
+        }
+    }
 }
 
 impl Up {
@@ -77,33 +93,30 @@ impl Up {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            if self.buf.capacity() < MIN_SPARE {
-                // Reclaims the old allocation once h2 has written (and dropped) the frames.
-                self.buf.reserve(READ_CHUNK);
+            if self.buf.capacity() < MIN_READ {
+                self.buf.reserve(self.size);
             }
-            let n = ready!(tokio_util_poll_read_buf(cx, tcp, &mut self.buf))?;
+            let offered = self.buf.capacity();
+            let n = match tcp.try_read_buf(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing to read: give the buffer back while waiting.
+                    self.buf = BytesMut::new();
+                    ready!(tcp.poll_read_ready(cx))?;
+                    continue;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            };
             if n == 0 {
                 self.eof = true;
-            } else {
-                self.pending = self.buf.split().freeze();
+                continue;
             }
-        }
-    }
-}
-
-/// Reads into the spare capacity of `buf` (like `tokio_util::io::poll_read_buf`).
-fn tokio_util_poll_read_buf(
-    cx: &mut Context<'_>,
-    tcp: &mut TcpStream,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    loop {
-        match tcp.try_read_buf(buf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                ready!(tcp.poll_read_ready(cx))?;
+            if n == offered {
+                self.size = (self.size * 2).min(MAX_READ);
+            } else if n < offered / 4 {
+                self.size = (self.size / 2).max(MIN_READ);
             }
-            Err(e) => return Poll::Ready(Err(e)),
+            self.pending = self.buf.split().freeze();
         }
     }
 }

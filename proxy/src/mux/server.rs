@@ -5,7 +5,10 @@
 //! log line and metrics, a permit from the connection limit (full → `RST_STREAM(REFUSED_STREAM)`,
 //! counted as `overloaded`), the per-connection authorization (peer = the TLS peer's SPIFFE ID,
 //! port = the listener's app port), revocation by a policy change, and L7 per request on `http`
-//! ports. `:authority` must name the destination the TLS connection reached (else `421`).
+//! ports. `:authority` must be an `ip:port`, and every stream of a connection must name the same
+//! one (else `421`): a pooled connection carries traffic to one destination. It is normally the
+//! destination this connection reached; it may differ when NAT sits between the proxies (a
+//! Kubernetes Service address the client dialled), which is logged once per connection.
 //! On shutdown the connection sends GOAWAY and lets its streams finish.
 
 use std::net::SocketAddr;
@@ -76,6 +79,8 @@ pub async fn serve(
     let mut shutdown = ctx.shutdown.clone();
     let mut draining = false;
     let mut streams = 0u64;
+    // The destination the first stream named; all others must name it too.
+    let mut pinned: Option<Option<String>> = None;
     loop {
         let next = tokio::select! {
             _ = shutdown.wait_for(|s| *s), if !draining => {
@@ -88,7 +93,19 @@ pub async fn serve(
         match next {
             Some(Ok((req, respond))) => {
                 streams += 1;
-                tokio::spawn(Box::pin(stream(ctx.clone(), facts.clone(), req, respond)));
+                let authority = req.uri().authority().map(|a| a.as_str().to_string());
+                let authority = authority.filter(|a| a.parse::<SocketAddr>().is_ok());
+                let pin = pinned.get_or_insert_with(|| {
+                    if let Some(a) = &authority {
+                        if a.parse::<SocketAddr>().ok() != Some(facts.dst) {
+                            tracing::info!(src = %facts.src, authority = %a, dst = %facts.dst, "mux: the client dialled another address than this connection reached (NAT between the proxies)");
+                        }
+                    }
+                    authority.clone()
+                });
+                let same = authority.is_some() && *pin == authority;
+                let task = stream(ctx.clone(), facts.clone(), req, respond, same);
+                tokio::spawn(Box::pin(task));
             }
             Some(Err(e)) => {
                 tracing::debug!(src = %facts.src, error = %e, "mux connection ended with an error");
@@ -114,6 +131,7 @@ async fn stream(
     facts: Arc<MuxFacts>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    same_destination: bool,
 ) {
     let mut access = Access::new(DIR, facts.src, facts.dst.to_string());
     access.peer_id = Some(facts.peer.clone());
@@ -126,15 +144,15 @@ async fn stream(
             &format!("mux: {} request (only CONNECT is served)", req.method()),
         );
     }
-    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-    if authority.parse::<SocketAddr>().ok() != Some(facts.dst) {
+    if !same_destination {
+        let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
         answer(&mut respond, StatusCode::MISDIRECTED_REQUEST);
         return access.refused(
             &ctx.metrics,
             "refused",
             &format!(
-                "mux: CONNECT to {authority:?} on a connection that reached {}",
-                facts.dst
+                "mux: CONNECT to {authority:?}: not an ip:port, or not the destination of this \
+                 connection's first stream"
             ),
         );
     }
