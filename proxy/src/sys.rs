@@ -6,11 +6,13 @@
 //!   before an iptables/nftables `REDIRECT` rewrote it to the proxy.
 //! - [`splice`] / [`Pipe`]: zero-copy forwarding between two sockets through a kernel pipe,
 //!   used for plaintext passthrough.
+//! - [`raise_nofile_limit`]: `getrlimit`/`setrlimit(RLIMIT_NOFILE)`, the soft open-files limit
+//!   raised to the hard one at start (every proxied connection holds two sockets).
 //!
 //! Safety argument, for every call below: the file descriptors come from live tokio sockets
 //! borrowed for the duration of the call (so they cannot be closed concurrently), the output
 //! buffers are stack values of exactly the size passed to the kernel, and every return value is
-//! checked before the output is read.
+//! checked before the output is read. The `rlimit` calls get a pointer to a local `rlimit`.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -144,4 +146,49 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
         return Err(e);
     }
     Ok(())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit. Returns `(old soft, new soft)`.
+pub fn raise_nofile_limit() -> io::Result<(libc::rlim_t, libc::rlim_t)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit the kernel fills in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: lim is a valid rlimit read above; only the soft limit changed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((old, lim.rlim_cur))
+}
+
+#[cfg(test)]
+mod tests {
+    /// (soft, hard) "Max open files" from /proc/self/limits ("unlimited" = u64::MAX).
+    fn nofile() -> (u64, u64) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .map(|x| x.parse().unwrap_or(u64::MAX))
+            .collect();
+        (v[0], v[1])
+    }
+
+    #[test]
+    fn nofile_soft_limit_is_raised_to_the_hard_limit() {
+        let (_, new) = super::raise_nofile_limit().unwrap();
+        let (soft, hard) = nofile();
+        assert_eq!(soft, hard);
+        assert!(new == soft || (new == libc::RLIM_INFINITY && soft == u64::MAX));
+    }
 }
