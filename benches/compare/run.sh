@@ -3,7 +3,7 @@
 # and svidcar mTLS pairs, all on loopback, interleaved A B A B, medians, one table.
 #
 #   benches/compare/run.sh [--quick] [--reps N] [--scenarios S1,S2,S2b,S3,S4,S6,micro]
-#                          [--systems direct,haproxy,stunnel,nginx,svidcar] [--idle-conns 1000]
+#                          [--systems direct,haproxy,stunnel,nginx,svidcar] [--idle-conns 1000[,10000]]
 #                          [--no-install] [--no-build] [--keep] [--perf]
 #
 # --quick: one repetition of everything, no micro-benchmarks (smoke check, ~3 min).
@@ -24,7 +24,7 @@ while (($#)); do
     --reps) REPS=$2; shift ;;
     --scenarios) SCENARIOS=$2; shift ;;
     --systems) SYSTEMS=$2; shift ;;
-    --idle-conns) IDLE_CONNS=$2; shift ;;
+    --idle-conns | --s6-conns) IDLE_CONNS=$2; shift ;;
     --no-install) INSTALL=0 ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
@@ -86,7 +86,7 @@ if ((BUILD)); then
     echo "== cargo build --release (svidcar, svidcar-loadgen)"
     (cd "$ROOT" && cargo build --release -q -p svidcar --bin svidcar -p svidcar-loadgen)
 fi
-SVIDCAR_BIN=$ROOT/target/release/svidcar
+SVIDCAR_BIN=${SVIDCAR_BIN:-$ROOT/target/release/svidcar} # override: compare builds
 LOADGEN=$ROOT/target/release/svidcar-loadgen
 [[ -x $LOADGEN ]] || { echo "$LOADGEN missing (build first)" >&2; exit 1; }
 [[ -x $SVIDCAR_BIN || ",$SYSTEMS," != *,svidcar,* ]] || { echo "$SVIDCAR_BIN missing (build first)" >&2; exit 1; }
@@ -176,15 +176,15 @@ l7_wired() { # the L7 route answers 403 for a path the policy does not allow
     [[ $code == 403 ]]
 }
 
-s6_idle() { # system -> per-proxy KB per idle connection, rss with, rss before
-    local sys=$1 pids before after lp n
+s6_idle() { # system conns -> per-proxy KB per idle connection, rss with, conns, rss before
+    local sys=$1 conns=$2 pids before after lp n
     pids=$(pids_of "$sys")
     n=$(wc -w <<<"$pids")
     before=$(rss_kb $pids)
-    "$LOADGEN" idle --addr "127.0.0.1:$(http_port "$sys")" --conns "$IDLE_CONNS" --hold 600 >"$WORK/idle.out" 2>&1 &
+    "$LOADGEN" idle --addr "127.0.0.1:$(http_port "$sys")" --conns "$conns" --hold 600 >"$WORK/idle.out" 2>&1 &
     lp=$!
     ALL_PIDS+=("$lp")
-    local deadline=$((SECONDS + 120))
+    local deadline=$((SECONDS + 120 + conns / 50))
     until grep -q '^ready' "$WORK/idle.out"; do
         if ! kill -0 "$lp" 2>/dev/null || ((SECONDS > deadline)); then
             kill -TERM "$lp" 2>/dev/null || true
@@ -197,9 +197,9 @@ s6_idle() { # system -> per-proxy KB per idle connection, rss with, rss before
     after=$(rss_kb $pids)
     kill -TERM "$lp" 2>/dev/null || true
     wait "$lp" 2>/dev/null || true
-    sleep 2 # let the proxies close their sides
-    awk -v a="$after" -v b="$before" -v n="$n" -v c="$IDLE_CONNS" \
-        'BEGIN {printf "%.1f %d before_kb=%d\n", (a - b) / n / c, a, b}'
+    sleep $((2 + conns / 2000)) # let the proxies close their sides
+    awk -v a="$after" -v b="$before" -v n="$n" -v c="$conns" \
+        'BEGIN {printf "%.1f %d conns=%d before_kb=%d\n", (a - b) / n / c, a, c, b}'
 }
 
 # ---------------------------------------------------------------- start everything
@@ -277,10 +277,17 @@ if has S4; then
     done
 fi
 if has S6; then
-    echo "== S6 memory: $IDLE_CONNS idle mTLS connections per pair"
-    for sys in "${ACTIVE[@]}"; do
-        [[ $sys == direct ]] && continue
-        record S6 "$sys" 1 -- s6_idle "$sys"
+    for conns in ${IDLE_CONNS//,/ }; do
+        echo "== S6 memory: $conns idle mTLS connections per pair (load $(loadavg))"
+        for sys in "${ACTIVE[@]}"; do
+            [[ $sys == direct ]] && continue
+            # The OpenSSL peers are configured with maxconn 4000 (BENCHMARKS.md).
+            if ((conns > 4000)) && [[ $sys != svidcar* ]]; then
+                echo "  S6   $sys: skipped at $conns connections (maxconn 4000)"
+                continue
+            fi
+            record S6 "$sys" 1 -- s6_idle "$sys" "$conns"
+        done
     done
 fi
 

@@ -113,13 +113,21 @@ def main():
                     rss = fmt(med(sc, s, rss_mb), 1)
                 out.append(f"| S3 | {s} | {fig} | {added} | {vs_h} | {cpu} | {rss} | {len(rows[(sc, s)])} |")
         elif sc == "S6":
-            base_h = med(sc, "haproxy", value)
-            for s in systems(sc):
-                m = med(sc, s, value)
-                out.append(
-                    f"| S6 | {s} | {fmt(m, 1)} KB/idle conn/proxy ({conns} conns); idle {fmt(fresh.get(s, float('nan')), 1)} MB/proxy "
-                    f"| — | {ratio(m, base_h)} | — | {fmt(med(sc, s, rss_mb), 1)} | {len(rows[(sc, s)])} |"
-                )
+            # One group per connection count (extra "conns=N"; older results: argv[2]).
+            def n_conns(r):
+                return next((x.split("=")[1] for x in r[7].split() if x.startswith("conns=")), conns)
+
+            counts = sorted({n_conns(r) for s in systems(sc) for r in rows[(sc, s)]}, key=int)
+            for c in counts:
+                at = lambda s: [r for r in rows[(sc, s)] if n_conns(r) == c]
+                mc = lambda s, f: median([f(r) for r in at(s)]) if at(s) else float("nan")
+                base_h = mc("haproxy", value)
+                for s in [s for s in systems(sc) if at(s)]:
+                    m = mc(s, value)
+                    out.append(
+                        f"| S6 | {s} | {fmt(m, 1)} KB/idle conn/proxy ({c} conns); idle {fmt(fresh.get(s, float('nan')), 1)} MB/proxy "
+                        f"| — | {ratio(m, base_h)} | — | {fmt(mc(s, rss_mb), 1)} | {len(at(s))} |"
+                    )
     print("\n".join(out))
     print()
     print("vs direct / vs haproxy: ratio of the medians (higher is better for rates; for S3 the "
