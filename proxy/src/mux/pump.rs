@@ -26,8 +26,13 @@ use crate::copy::{CopyEnd, CopyStats};
 
 /// Smallest socket read buffer (light traffic).
 const MIN_READ: usize = 4 * 1024;
-/// Largest socket read buffer (bulk; one DATA frame, at most [`super::MAX_FRAME`]).
-const MAX_READ: usize = 256 * 1024;
+/// Largest socket read buffer (bulk; one DATA frame, at most [`super::MAX_FRAME`]). Larger
+/// frames cost pipelining between the hops (a frame is forwarded once complete) and leave
+/// malloc's small-block arenas (mmap per buffer).
+const MAX_READ: usize = 64 * 1024;
+/// While the read buffer size is at most this (light traffic), it is given back whenever the
+/// socket has nothing to read.
+const LIGHT_READ: usize = 16 * 1024;
 
 fn reset_error() -> io::Error {
     io::Error::new(
@@ -38,8 +43,8 @@ fn reset_error() -> io::Error {
 
 /// Socket → stream.
 struct Up {
-    /// Read buffer; given back whenever the socket has nothing to read, so an idle stream holds
-    /// none (its frozen parts live on in h2 until written).
+    /// Read buffer; under light traffic given back whenever the socket has nothing to read, so
+    /// an idle stream holds none (frozen parts live on in h2 until written).
     buf: BytesMut,
     /// Size of the next read buffer: doubles while reads fill it, halves after small reads.
     size: usize,
@@ -100,8 +105,10 @@ impl Up {
             let n = match tcp.try_read_buf(&mut self.buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Nothing to read: give the buffer back while waiting.
-                    self.buf = BytesMut::new();
+                    if self.size <= LIGHT_READ {
+                        // Light traffic: hold no buffer while waiting.
+                        self.buf = BytesMut::new();
+                    }
                     ready!(tcp.poll_read_ready(cx))?;
                     continue;
                 }
