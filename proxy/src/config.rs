@@ -98,14 +98,18 @@ impl Dur {
         let n: u64 = num
             .parse()
             .map_err(|_| bad("duration", s, "expected e.g. 500ms, 10s, 5m, 1h"))?;
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "" | "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
+        let secs_per_unit = match unit {
+            "ms" => return Ok(Self(Duration::from_millis(n))),
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
             _ => return Err(bad("duration", s, "unit must be ms, s, m or h")),
         };
-        Ok(Self(d))
+        // Found by fuzz/proxy_config: `n * 3600` overflowed (a panic, or in release a silently
+        // wrapped, far shorter duration).
+        n.checked_mul(secs_per_unit)
+            .map(|secs| Self(Duration::from_secs(secs)))
+            .ok_or_else(|| bad("duration", s, "too large"))
     }
 }
 
@@ -525,6 +529,24 @@ impl ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (fuzz/proxy_config, crash-faeb78a5): `n * 3600` overflowed and panicked.
+    #[test]
+    fn a_duration_too_large_is_an_error_not_a_panic() {
+        for s in [
+            "5124095576030432h",
+            "307445734561825861m",
+            "18446744073709551615h",
+        ] {
+            let e = Dur::parse(s).unwrap_err().to_string();
+            assert!(e.contains("too large"), "{s}: {e}");
+        }
+        assert_eq!(
+            Dur::parse("5124095576030431h").unwrap().0.as_secs(),
+            5124095576030431 * 3600
+        );
+        assert!(ProxyConfig::from_yaml("limits:\n  idle_timeout: 999999999999999999h\n").is_err());
+    }
 
     #[test]
     fn egress_proxy_section() {

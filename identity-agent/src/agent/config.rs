@@ -75,7 +75,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     if !secs.is_finite() || secs <= 0.0 {
         return Err(bad());
     }
-    Ok(Duration::from_secs_f64(secs))
+    // Beyond what a Duration holds (e.g. `99999999999999999999d`): an error, not a panic.
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
@@ -369,6 +370,8 @@ mod tests {
         assert!(parse_duration("1x").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("").is_err());
+        // Too large for a Duration: an error, not a panic.
+        assert!(parse_duration("99999999999999999999999d").is_err());
         assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
