@@ -174,7 +174,10 @@ mod tests {
     /// (soft, hard) "Max open files" from /proc/self/limits ("unlimited" = u64::MAX).
     fn nofile() -> (u64, u64) {
         let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
         let v: Vec<u64> = line
             .split_whitespace()
             .skip(3)
