@@ -3,6 +3,7 @@
 //! connection (the copy buffers are heap-allocated separately and start at 4 KiB per direction).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use svidcar_proxy::config::{InboundMode, Limits};
 use svidcar_proxy::context::ProxyContext;
@@ -29,7 +30,7 @@ async fn connection_futures_stay_within_budget() {
         shutdown,
         app_clients: svidcar_proxy::http::AppClients::new(),
         pool: None,
-        mux_max_streams: 100,
+        mux: svidcar_proxy::mux::server::CarrierLimits::new(4, 100, Duration::from_secs(60)),
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();

@@ -532,28 +532,9 @@ fn inbound_mux_refuses_other_methods_and_destinations() {
         .build()
         .unwrap();
     let statuses = rt.block_on(async move {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))))
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"svidcar-mux/1".to_vec()];
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", in_port))
+        let (client, _conn) = common::hostile::mux_connect(in_port, chain, key)
             .await
-            .unwrap();
-        let name = rustls::pki_types::ServerName::try_from("backend").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"svidcar-mux/1"[..]));
-        let (client, conn) = h2::client::handshake(tls).await.unwrap();
-        tokio::spawn(conn);
+            .expect("mux connect");
         let mut out = Vec::new();
         let dst = format!("127.0.0.1:{in_port}");
         for (method, uri) in [
@@ -576,40 +557,4 @@ fn inbound_mux_refuses_other_methods_and_destinations() {
     assert_eq!(statuses, vec![405, 200, 421, 421]);
     backend.wait_log(&["outcome=\"refused\"", "only CONNECT is served"]);
     backend.wait_log(&["outcome=\"refused\"", "127.0.0.1:1"]);
-}
-
-/// Accepts any server certificate (the probe above tests the server's side).
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

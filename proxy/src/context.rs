@@ -34,8 +34,8 @@ pub struct ProxyContext {
     /// Pooled, multiplexed mTLS to peer proxies (`None`: one handshake per connection, and
     /// inbound does not offer `svidcar-mux/1`).
     pub pool: Option<Arc<crate::mux::client::Pool>>,
-    /// Concurrent streams accepted per inbound multiplexed connection.
-    pub mux_max_streams: u32,
+    /// Bounds on inbound multiplexed connections.
+    pub mux: crate::mux::server::CarrierLimits,
 }
 
 impl ProxyContext {

@@ -221,6 +221,15 @@ pub async fn handle(
                 // A pooling peer proxy: one logical connection per stream (crate::mux). Each
                 // stream takes its own permit; the carrier connection gives its one back, so the
                 // limit and the drain count application connections, as without the pool.
+                let Ok(_carrier) = ctx.mux.carriers.clone().try_acquire_owned() else {
+                    ctx.metrics.overloaded.inc();
+                    access.refused(
+                        &ctx.metrics,
+                        "overloaded",
+                        "multiplexed connection limit reached (limits.max_connections)",
+                    );
+                    return reset(tls.into_inner().0);
+                };
                 drop(_permit);
                 ctx.metrics.open_connections.dec();
                 let facts = crate::mux::server::MuxFacts {
@@ -230,7 +239,7 @@ pub async fn handle(
                     dst,
                     app_port,
                     protocol,
-                    max_streams: ctx.mux_max_streams,
+                    max_streams: ctx.mux.max_streams,
                 };
                 Box::pin(crate::mux::server::serve(ctx.clone(), tls, facts)).await;
                 // Balances the accept loop's decrement.

@@ -190,7 +190,11 @@ impl Proxy {
             shutdown,
             app_clients: crate::http::AppClients::new(),
             pool,
-            mux_max_streams: pool_cfg.max_streams,
+            mux: crate::mux::server::CarrierLimits::new(
+                max,
+                pool_cfg.max_streams,
+                pool_cfg.idle_timeout.0,
+            ),
         });
         let state = AdminState {
             creds,

@@ -129,13 +129,12 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// An mTLS client stream (blocking) to `port` presenting `chain`/`key` (ALPN `svidcar/1`); the
-/// handshake happens on first use.
-pub fn mtls_connect(
-    port: u16,
+/// A TLS 1.3 client config presenting `chain`/`key`, offering `alpn`, accepting any server.
+fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
+    alpn: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -144,12 +143,55 @@ pub fn mtls_connect(
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
         .with_client_auth_cert(chain, key)
         .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"svidcar/1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An mTLS client stream (blocking) to `port` presenting `chain`/`key` (ALPN `svidcar/1`); the
+/// handshake happens on first use.
+pub fn mtls_connect(
+    port: u16,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
+    let config = client_config(chain, key, b"svidcar/1")?;
     let name = ServerName::try_from("backend").expect("name");
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
     let sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
     Ok(rustls::StreamOwned::new(conn, sock))
+}
+
+/// A hand-made `svidcar-mux/1` peer: mTLS to `port` presenting `chain`/`key`, then an HTTP/2
+/// client over it (the connection driver runs on the current runtime; its handle ends when
+/// the server closes the connection).
+pub async fn mux_connect(
+    port: u16,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<
+    (
+        h2::client::SendRequest<bytes::Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+    ),
+    String,
+> {
+    let config = client_config(chain, key, b"svidcar-mux/1")?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("backend").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    if tls.get_ref().1.alpn_protocol() != Some(&b"svidcar-mux/1"[..]) {
+        return Err("the server did not choose svidcar-mux/1".into());
+    }
+    let (client, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((client, tokio::spawn(conn)))
 }
 
 /// Connects to `port` with mTLS presenting `chain`/`key` (ALPN `svidcar/1`), sends an HTTP GET

@@ -10,9 +10,16 @@
 //! destination this connection reached; it may differ when NAT sits between the proxies (a
 //! Kubernetes Service address the client dialled), which is logged once per connection.
 //! On shutdown the connection sends GOAWAY and lets its streams finish.
+//!
+//! The carrier connections themselves are bounded ([`CarrierLimits`]): at most
+//! `limits.max_connections` of them, the first stream must arrive within the handshake
+//! timeout, and a connection without an open stream for `2 × pool.idle_timeout` is closed with
+//! GOAWAY — so a peer, even one the policy denies every stream, cannot park idle connections.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -20,6 +27,8 @@ use h2::{Reason, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use svidcar_agent::SpiffeId;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use super::stream::H2Stream;
 use super::{CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
@@ -29,6 +38,47 @@ use crate::context::{reset, Access, ProxyContext};
 use crate::http::ConnFacts;
 
 const DIR: &str = "inbound";
+
+/// Bounds on inbound multiplexed (carrier) connections.
+#[derive(Debug, Clone)]
+pub struct CarrierLimits {
+    /// Concurrent streams accepted per connection.
+    pub max_streams: u32,
+    /// A connection with no open stream for this long is closed (GOAWAY).
+    pub idle: Duration,
+    /// One permit per open carrier (as many as `limits.max_connections`): the streams take the
+    /// connection permits, so the carriers need a bound of their own.
+    pub carriers: Arc<Semaphore>,
+}
+
+impl CarrierLimits {
+    /// Limits for `max_connections` carriers of `max_streams` streams, idle after
+    /// `2 × pool_idle` (the clients' pools close theirs after `pool_idle`, so a healthy peer
+    /// closes first).
+    pub fn new(max_connections: usize, max_streams: u32, pool_idle: Duration) -> Self {
+        Self {
+            max_streams,
+            idle: pool_idle.saturating_mul(2),
+            carriers: Arc::new(Semaphore::new(max_connections)),
+        }
+    }
+}
+
+/// Counts a connection's open streams; each stream task holds one.
+struct StreamCount(Arc<AtomicUsize>);
+
+impl StreamCount {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open.clone())
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// What every stream of one multiplexed connection shares.
 #[derive(Debug, Clone)]
@@ -79,6 +129,9 @@ pub async fn serve(
     let mut shutdown = ctx.shutdown.clone();
     let mut draining = false;
     let mut streams = 0u64;
+    let open = Arc::new(AtomicUsize::new(0));
+    // The first stream must come promptly; later, the connection may idle this long.
+    let mut idle_at = Instant::now() + ctx.limits.handshake_timeout.0;
     // The destination the first stream named; all others must name it too.
     let mut pinned: Option<Option<String>> = None;
     loop {
@@ -86,6 +139,17 @@ pub async fn serve(
             _ = shutdown.wait_for(|s| *s), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
+                continue;
+            }
+            _ = tokio::time::sleep_until(idle_at), if !draining => {
+                if open.load(Ordering::Relaxed) > 0 {
+                    idle_at = Instant::now() + ctx.mux.idle;
+                } else {
+                    tracing::info!(src = %facts.src, peer_id = %facts.peer, streams,
+                        "mux: closing a connection without streams (idle)");
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
                 continue;
             }
             next = conn.accept() => next,
@@ -104,8 +168,13 @@ pub async fn serve(
                     authority.clone()
                 });
                 let same = authority.is_some() && *pin == authority;
+                idle_at = Instant::now() + ctx.mux.idle;
+                let count = StreamCount::new(&open);
                 let task = stream(ctx.clone(), facts.clone(), req, respond, same);
-                tokio::spawn(Box::pin(task));
+                tokio::spawn(Box::pin(async move {
+                    task.await;
+                    drop(count);
+                }));
             }
             Some(Err(e)) => {
                 tracing::debug!(src = %facts.src, error = %e, "mux connection ended with an error");
