@@ -137,6 +137,17 @@ fn curl_through_two_sidecars_and_every_refusal_has_a_reason() {
         !config.contains("PRIVATE") && !config.contains("BEGIN"),
         "{config}"
     );
+    // kTLS: detected at start and reported as the kernel has it (this kernel: not at all);
+    // either way TLS stays in rustls, never half-offloaded.
+    let kernel_tls = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|u| u == "tls");
+    let ktls = &serde_json::from_str::<serde_json::Value>(&config).unwrap()["ktls"];
+    let kernel = if kernel_tls { "available" } else { "unavailable" };
+    assert_eq!(ktls["kernel"], kernel, "{config}");
+    assert_eq!(ktls["offload"], false, "{config}");
+    backend.wait_log(&["kTLS:"]);
 }
 
 #[test]

@@ -27,6 +27,8 @@ pub struct AdminState {
     pub listeners: Vec<serde_json::Value>,
     /// Connection pooling between proxies (settings).
     pub pool: serde_json::Value,
+    /// What the kernel offers for TLS offload ([`crate::ktls`]).
+    pub ktls: serde_json::Value,
     /// Which policy is in force.
     pub policy: String,
     /// The authorizer (readiness: policy loaded).
@@ -71,6 +73,7 @@ impl AdminState {
             "bundles": bundles,
             "listeners": self.listeners,
             "pool": self.pool,
+            "ktls": self.ktls,
             "policy": self.policy,
         })
     }

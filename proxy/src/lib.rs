@@ -16,6 +16,7 @@ pub mod egress_connect;
 pub mod egress_http;
 pub mod http;
 pub mod inbound;
+pub mod ktls;
 pub mod linger;
 pub mod metrics;
 pub mod mux;

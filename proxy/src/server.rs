@@ -201,6 +201,11 @@ impl Proxy {
             registry: metrics.register(),
             listeners: described,
             pool: pool_cfg.describe(),
+            ktls: {
+                let k = crate::ktls::Ktls::probe();
+                k.log();
+                k.describe()
+            },
             policy: policy.clone(),
             authz,
         };

@@ -8,6 +8,7 @@
 //!   used for plaintext passthrough.
 //! - [`raise_nofile_limit`]: `getrlimit`/`setrlimit(RLIMIT_NOFILE)`, the soft open-files limit
 //!   raised to the hard one at start (every proxied connection holds two sockets).
+//! - [`set_tcp_ulp`]: `setsockopt(TCP_ULP)`, used to probe for kernel TLS ([`crate::ktls`]).
 //!
 //! Safety argument, for every call below: the file descriptors come from live tokio sockets
 //! borrowed for the duration of the call (so they cannot be closed concurrently), the output
@@ -144,6 +145,27 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
             return Ok(());
         }
         return Err(e);
+    }
+    Ok(())
+}
+
+/// `setsockopt(SOL_TCP, TCP_ULP, name)`: attaches an upper-layer protocol (e.g. `tls`) to a
+/// connected TCP socket.
+pub fn set_tcp_ulp(sock: &impl AsRawFd, name: &str) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(name.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ULP name too long"))?;
+    // SAFETY: live fd; the kernel reads exactly `len` bytes from `name`.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            name.as_ptr().cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
