@@ -144,7 +144,11 @@ fn curl_through_two_sidecars_and_every_refusal_has_a_reason() {
         .split_whitespace()
         .any(|u| u == "tls");
     let ktls = &serde_json::from_str::<serde_json::Value>(&config).unwrap()["ktls"];
-    let kernel = if kernel_tls { "available" } else { "unavailable" };
+    let kernel = if kernel_tls {
+        "available"
+    } else {
+        "unavailable"
+    };
     assert_eq!(ktls["kernel"], kernel, "{config}");
     assert_eq!(ktls["offload"], false, "{config}");
     backend.wait_log(&["kTLS:"]);
