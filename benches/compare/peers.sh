@@ -298,7 +298,9 @@ EOF
         PIDS_svidcar_l7="$LAST_PID"
         l7=(--outbound "127.0.0.1:$((b + 3))=127.0.0.1:$((b + 13)),$SERVER_ID")
     fi
-    start_bg "svidcar client side" "$d/client.log" "$d/bin/svidcar-client" proxy \
+    # SVIDCAR_CLIENT_FLAGS: extra flags for the client sidecar (A/B of settings, e.g. --no-pool).
+    # shellcheck disable=SC2086
+    start_bg "svidcar client side" "$d/client.log" "$d/bin/svidcar-client" proxy ${SVIDCAR_CLIENT_FLAGS:-} \
         --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 91)) \
         --outbound "127.0.0.1:$((b + 1))=127.0.0.1:$((b + 11)),$SERVER_ID" \
         --outbound "127.0.0.1:$((b + 2))=127.0.0.1:$((b + 12)),$SERVER_ID" "${l7[@]}"

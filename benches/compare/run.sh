@@ -123,7 +123,7 @@ record() {
     local pids c0 c1 out rss
     pids=$(pids_of "$sys")
     local perf_pid=""
-    if ((PERF)) && [[ $sys == svidcar ]] && command -v perf >/dev/null; then
+    if ((PERF)) && [[ $sys == svidcar || $sys == svidcar-l7 ]] && command -v perf >/dev/null; then
         perf record -q -e cpu-clock -F 1999 -g -p "$(tr ' ' ',' <<<"$pids" | sed 's/^,//')" \
             -o "$WORK/perf-$sc-$rep.data" >/dev/null 2>&1 &
         perf_pid=$!

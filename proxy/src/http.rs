@@ -72,6 +72,8 @@ impl AppClients {
         // From 127.0.0.6, like every inbound forward (see `inbound::connect_from_passthrough`).
         let mut conn = HttpConnector::new();
         conn.set_local_address(Some(crate::init::INBOUND_PASSTHROUGH_SOURCE_V4.into()));
+        // Requests are written whole: never hold one back for Nagle.
+        conn.set_nodelay(true);
         let h1 = Client::builder(TokioExecutor::new()).build(conn.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
