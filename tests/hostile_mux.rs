@@ -8,28 +8,32 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::hostile::{mux_connect, AgentCa, Leaf};
+use common::hostile::{config_backend, mux_connect, AgentCa, Leaf};
 use common::proxy::{Mesh, Sidecar, TestApp, TD};
 
-/// A backend sidecar on a strict port whose config sets `limits` and `pool` (YAML lines).
+/// A backend sidecar on a strict port with the config `yaml` (e.g. `limits` and `pool`).
 fn backend(mesh: &Mesh, app_port: u16, yaml: &str) -> (Sidecar, u16) {
     let cfg = mesh
         .dir
         .path()
         .join(format!("mux-{}.yaml", common::free_port()));
     std::fs::write(&cfg, yaml).unwrap();
-    let port = common::free_port();
-    let sc = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--config".into(),
-            cfg.display().to_string(),
-            "--inbound".into(),
-            format!("127.0.0.1:{port}={app_port}:strict"),
-        ],
-    );
-    (sc, port)
+    config_backend(mesh, app_port, "strict", &cfg)
+}
+
+/// `CONNECT 127.0.0.1:<port>` on the mux connection of `client`: the response future and the
+/// request body's sender.
+async fn connect(
+    client: h2::client::SendRequest<bytes::Bytes>,
+    port: u16,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("127.0.0.1:{port}"))
+        .body(())
+        .unwrap();
+    let mut c = client.ready().await.unwrap();
+    c.send_request(req, false).unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -77,13 +81,7 @@ fn streamless_and_idle_carriers_are_closed() {
         // One stream, finished; then idle: closed after about 2 s without streams.
         let (chain, key) = ca.forge(&leaf);
         let (client, conn) = mux_connect(port, chain, key).await.expect("mux connect");
-        let req = http::Request::builder()
-            .method("CONNECT")
-            .uri(format!("127.0.0.1:{port}"))
-            .body(())
-            .unwrap();
-        let mut c = client.ready().await.unwrap();
-        let (resp, mut send) = c.send_request(req, false).unwrap();
+        let (resp, mut send) = connect(client, port).await;
         let resp = resp.await.expect("CONNECT answered");
         assert_eq!(resp.status(), 200);
         send.send_data(bytes::Bytes::from_static(b"GET / HTTP/1.0\r\n\r\n"), true)
@@ -141,13 +139,7 @@ fn carrier_connections_are_bounded_by_the_connection_limit() {
         }
         // The three admitted ones still work.
         let (client, _) = held.pop().unwrap();
-        let req = http::Request::builder()
-            .method("CONNECT")
-            .uri(format!("127.0.0.1:{port}"))
-            .body(())
-            .unwrap();
-        let mut c = client.ready().await.unwrap();
-        let (resp, _send) = c.send_request(req, false).unwrap();
+        let (resp, _send) = connect(client, port).await;
         assert_eq!(resp.await.expect("answered").status(), 200);
     });
     backend.wait_log(&[

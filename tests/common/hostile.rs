@@ -308,7 +308,17 @@ pub fn limits_config(dir: &Path, limits: &[&str]) -> PathBuf {
 /// A backend sidecar with the config of [`limits_config`] and one inbound listener
 /// `127.0.0.1:<port>=<app_port>:<mode>` (e.g. `strict` or `strict:http`); returns it and the port.
 pub fn limits_backend(mesh: &Mesh, app_port: u16, mode: &str, limits: &[&str]) -> (Sidecar, u16) {
-    let cfg = limits_config(mesh.dir.path(), limits);
+    config_backend(
+        mesh,
+        app_port,
+        mode,
+        &limits_config(mesh.dir.path(), limits),
+    )
+}
+
+/// A backend sidecar with the config file `cfg` and one inbound listener
+/// `127.0.0.1:<port>=<app_port>:<mode>`; returns it and the port.
+pub fn config_backend(mesh: &Mesh, app_port: u16, mode: &str, cfg: &Path) -> (Sidecar, u16) {
     let port = free_port();
     let sc = mesh.sidecar(
         "backend",
