@@ -72,6 +72,9 @@ pub struct Installed {
     pub id: SpiffeId,
     /// Leaf serial (hex).
     pub serial: String,
+    /// Counts installs (a new SVID or new bundles): connections authenticated under an older
+    /// generation are not reused for new application connections (see [`crate::mux::client`]).
+    pub generation: u64,
     /// Validity start.
     pub not_before: SystemTime,
     /// Validity end: after it, this generation is no longer served.
@@ -105,6 +108,8 @@ pub struct Credentials {
     mux: bool,
     /// TLS session resumption on outbound connections.
     client_resumption: bool,
+    /// Installs so far (the next [`Installed::generation`]).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Credentials {
@@ -124,6 +129,7 @@ impl Credentials {
             metrics,
             mux: false,
             client_resumption: true,
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -196,6 +202,10 @@ impl Credentials {
         let installed = Arc::new(Installed {
             id: svid.id.clone(),
             serial: svid.serial_hex(),
+            generation: self
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
             not_before: svid.not_before,
             not_after: svid.not_after,
             bundles,

@@ -209,7 +209,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         let key = PoolKey {
             upstream: upstream.to_string(),
             expect: expect.clone(),
-            serial: own.serial.clone(),
+            generation: own.generation,
         };
         let dial = || dial(ctx, upstream, name.clone(), config.clone());
         let up = Box::pin(pool.stream(&key, own.not_after, dial)).await;

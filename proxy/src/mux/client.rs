@@ -1,8 +1,11 @@
 //! The outbound connection pool: pooled mTLS connections to peer proxies, one HTTP/2 `CONNECT`
 //! stream per application connection.
 //!
-//! - Keyed by (upstream address, expected peer, serial of our installed SVID): a rotation starts
-//!   new connections; the old ones finish their streams and take no new ones.
+//! - Keyed by (upstream address, expected peer, generation of our installed credentials): a new
+//!   SVID *or new bundles* start new connections, so every new application connection rides on
+//!   a peer verified against the bundles in force (a trust domain dropped from the bundles is
+//!   not reached through an old connection); the old ones finish their streams and take no new
+//!   ones.
 //! - A connection takes at most `max_streams` streams; when all are full (or none exists) a new
 //!   one is opened — one handshake in flight per key, concurrent openers wait for it.
 //! - Dropped from the pool: when it fails, when the peer sends GOAWAY, after `idle_timeout`
@@ -57,8 +60,8 @@ pub struct PoolKey {
     pub upstream: String,
     /// The identity the peer must present.
     pub expect: ExpectedPeer,
-    /// Serial of our own SVID the connections authenticate with.
-    pub serial: String,
+    /// [`crate::credentials::Installed::generation`] the connections were made under.
+    pub generation: u64,
 }
 
 /// What the outbound side copies to.
@@ -214,11 +217,11 @@ impl Pool {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
-            let serial = creds.current().map(|c| c.serial.clone());
+            let generation = creds.current().map(|c| c.generation);
             let now = Instant::now();
             let mut slots = lock(&self.slots);
             slots.retain(|key, slot| {
-                let current = serial.as_deref() == Some(key.serial.as_str());
+                let current = generation == Some(key.generation);
                 let mut conns = lock(&slot.conns);
                 conns.retain(|c| {
                     let idle_out = c.idle_for(now).is_some_and(|d| d >= idle);
