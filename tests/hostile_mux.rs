@@ -148,3 +148,78 @@ fn carrier_connections_are_bounded_by_the_connection_limit() {
     ]);
     assert!(backend.metric_sum(&["svidcar_proxy_overloaded_total"]) >= 1.0);
 }
+
+/// The CA certificate (PEM, the last of the file) of a [`common::proxy::foreign_svid`] chain.
+fn ca_pem(chain_file: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(chain_file).unwrap();
+    let start = text.rfind("-----BEGIN CERTIFICATE-----").unwrap();
+    text[start..].to_string()
+}
+
+#[test]
+fn a_peer_whose_trust_domain_leaves_the_bundles_is_cut_off_its_carrier() {
+    use rustls::pki_types::pem::PemObject;
+    let dir = common::TempDir::new("hostile-mux-revoke");
+    // A partner trust domain, federated through a bundle file the operator later replaces.
+    let (chain_file, key_file) = common::proxy::foreign_svid(dir.path(), "partner.test");
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (other_chain, _) = common::proxy::foreign_svid(&other, "partner.test");
+    let fed = dir.path().join("partner.pem");
+    std::fs::write(&fed, ca_pem(&chain_file)).unwrap();
+    let mesh = Mesh::start(
+        "hostile-mux-revoke",
+        &["--federate", &format!("partner.test={}", fed.display())],
+    );
+    let app = TestApp::start("app");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: partner\n  \
+         direction: inbound\n  action: allow\n  rules:\n  - from: [{spiffeIds: \
+         [\"spiffe://partner.test/intruder\"]}]\n",
+    )
+    .unwrap();
+    let (backend, port) = backend(&mesh, app.port, &format!("policy: {}\n", policy.display()));
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&chain_file)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key_file).unwrap();
+    runtime().block_on(async {
+        let (client, conn) = mux_connect(port, chain, key)
+            .await
+            .expect("partner connects");
+        let (resp, mut first) = connect(client.clone(), port).await;
+        assert_eq!(
+            resp.await.expect("answered").status(),
+            200,
+            "federated: served"
+        );
+        // That connection ends (streams already open are not cut when trust changes, as with
+        // plain connections; only new ones are refused).
+        first.send_reset(h2::Reason::CANCEL);
+
+        // The operator drops the partner's root from the bundle (another root replaces it).
+        let installs = backend.metric_sum(&["svidcar_proxy_svid_installs_total"]);
+        std::fs::write(&fed, ca_pem(&other_chain)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while backend.metric_sum(&["svidcar_proxy_svid_installs_total"]) <= installs {
+            assert!(
+                Instant::now() < deadline,
+                "the backend never got the new bundles"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The carrier was verified under the old bundles: its next stream is refused and the
+        // connection closed, instead of trusting the partner for as long as it stays open.
+        let (resp, _send) = connect(client, port).await;
+        let status = resp.await.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert!(status == 403 || status == 0, "a revoked peer got {status}");
+        assert!(
+            closed_after(conn, Duration::from_secs(10)).await.is_some(),
+            "the carrier of a revoked peer stays open"
+        );
+    });
+    backend.wait_log(&["no longer verifies under the current bundles"]);
+}

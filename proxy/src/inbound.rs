@@ -232,8 +232,16 @@ pub async fn handle(
                 };
                 drop(_permit);
                 ctx.metrics.open_connections.dec();
+                let peer_chain = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default();
                 let facts = crate::mux::server::MuxFacts {
                     peer,
+                    peer_chain,
+                    generation: own.generation,
                     own: own.id.clone(),
                     src,
                     dst,

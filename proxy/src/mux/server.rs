@@ -11,6 +11,11 @@
 //! Kubernetes Service address the client dialled), which is logged once per connection.
 //! On shutdown the connection sends GOAWAY and lets its streams finish.
 //!
+//! A carrier outlives credential changes, so before it carries a new stream after our bundles
+//! changed, the peer's certificate chain is verified again against the bundles now in force: a
+//! peer whose trust domain left the bundles (or whose chain no longer verifies) gets `403` and
+//! the connection is closed with GOAWAY; otherwise the stream is served as usual.
+//!
 //! The carrier connections themselves are bounded ([`CarrierLimits`]): at most
 //! `limits.max_connections` of them, the first stream must arrive within the handshake
 //! timeout, and a connection without an open stream for `2 × pool.idle_timeout` is closed with
@@ -85,6 +90,10 @@ impl Drop for StreamCount {
 pub struct MuxFacts {
     /// The authenticated peer (from the TLS handshake).
     pub peer: SpiffeId,
+    /// Its certificate chain, to verify again when our bundles change.
+    pub peer_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// [`crate::credentials::Installed::generation`] the peer was last verified under.
+    pub generation: u64,
     /// Our ID.
     pub own: SpiffeId,
     /// The peer proxy's address.
@@ -125,6 +134,7 @@ pub async fn serve(
     };
     ctx.metrics.mux_connection(DIR);
     tracing::debug!(src = %facts.src, peer_id = %facts.peer, "mux connection open");
+    let mut verified = facts.generation;
     let facts = Arc::new(facts);
     let mut shutdown = ctx.shutdown.clone();
     let mut draining = false;
@@ -155,8 +165,21 @@ pub async fn serve(
             next = conn.accept() => next,
         };
         match next {
-            Some(Ok((req, respond))) => {
+            Some(Ok((req, mut respond))) => {
                 streams += 1;
+                if let Err(reason) = still_trusted(&ctx, &facts, &mut verified) {
+                    answer(&mut respond, StatusCode::FORBIDDEN);
+                    let mut access = Access::new(DIR, facts.src, facts.dst.to_string());
+                    access.peer_id = Some(facts.peer.clone());
+                    access.refused(
+                        &ctx.metrics,
+                        "refused",
+                        &format!("mux: {reason}; closing the connection"),
+                    );
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
                 let authority = req.uri().authority().map(|a| a.as_str().to_string());
                 let authority = authority.filter(|a| a.parse::<SocketAddr>().is_ok());
                 let pin = pinned.get_or_insert_with(|| {
@@ -184,6 +207,37 @@ pub async fn serve(
         }
     }
     tracing::debug!(src = %facts.src, peer_id = %facts.peer, streams, "mux connection closed");
+}
+
+/// Verifies the peer again if our credentials changed since it was last verified (a new SVID
+/// or new bundles); `verified` follows the generation it passed under.
+fn still_trusted(ctx: &ProxyContext, facts: &MuxFacts, verified: &mut u64) -> Result<(), String> {
+    let Some(own) = ctx.creds.current() else {
+        return Err("no SVID in force".into());
+    };
+    if own.generation == *verified {
+        return Ok(());
+    }
+    let id = svidcar_agent::svid::verify_chain_for(
+        &facts.peer_chain,
+        &own.bundles,
+        rustls::pki_types::UnixTime::now(),
+        svidcar_agent::svid::PeerRole::Client,
+    )
+    .map_err(|e| {
+        format!(
+            "the peer {} no longer verifies under the current bundles: {e}",
+            facts.peer
+        )
+    })?;
+    if id != facts.peer {
+        return Err(format!(
+            "the peer's certificate now names {id}, not {}",
+            facts.peer
+        ));
+    }
+    *verified = own.generation;
+    Ok(())
 }
 
 fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
