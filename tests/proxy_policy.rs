@@ -18,19 +18,8 @@ fn policy(allowed: &str) -> String {
 fn policy_denies_with_rule_then_hot_reload_allows() {
     let mesh = Mesh::start("proxy-policy", &[]);
     let app = TestApp::start("app");
+    let (backend, in_port) = mesh.policy_backend(&policy("web"), app.port, "strict");
     let file = mesh.dir.path().join("policy.yaml");
-    std::fs::write(&file, policy("web")).unwrap();
-    let in_port = common::free_port();
-    let backend = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{in_port}={}", app.port),
-            "--policy".into(),
-            file.display().to_string(),
-        ],
-    );
     let (_frontend, out_port) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
     let addr = ([127, 0, 0, 1], out_port).into();
 

@@ -403,19 +403,7 @@ fn deny_policy() -> String {
 fn policy_denial_and_connection_limit_apply_per_stream() {
     let mesh = Mesh::start("proxy-pool-deny", &[]);
     let app = TestApp::start("app");
-    let file = mesh.dir.path().join("policy.yaml");
-    std::fs::write(&file, deny_policy()).unwrap();
-    let in_port = common::free_port();
-    let backend = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{in_port}={}", app.port),
-            "--policy".into(),
-            file.display().to_string(),
-        ],
-    );
+    let (backend, in_port) = mesh.policy_backend(&deny_policy(), app.port, "strict");
     let (frontend, out_port) = mesh.frontend(in_port, &backend_id());
     for _ in 0..3 {
         let r = http_get(addr(out_port), "/");

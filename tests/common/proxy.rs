@@ -105,6 +105,13 @@ impl Mesh {
     /// the policy `policy_yaml` (written to `policy.yaml` in the mesh directory); returns it and
     /// the port.
     pub fn l7_backend(&self, policy_yaml: &str, app_port: u16) -> (Sidecar, u16) {
+        self.policy_backend(policy_yaml, app_port, "strict:http")
+    }
+
+    /// A backend sidecar with one inbound listener `=<app_port>:<mode>` (e.g. `strict`,
+    /// `strict:http`) under the policy `policy_yaml`, written to `policy.yaml` in the mesh
+    /// directory (rewrite it to hot-reload); returns it and the port.
+    pub fn policy_backend(&self, policy_yaml: &str, app_port: u16, mode: &str) -> (Sidecar, u16) {
         let file = self.dir.path().join("policy.yaml");
         std::fs::write(&file, policy_yaml).unwrap();
         let port = free_port();
@@ -113,7 +120,7 @@ impl Mesh {
             &self.backend_bin.clone(),
             &[
                 "--inbound".into(),
-                format!("127.0.0.1:{port}={app_port}:strict:http"),
+                format!("127.0.0.1:{port}={app_port}:{mode}"),
                 "--policy".into(),
                 file.display().to_string(),
             ],
