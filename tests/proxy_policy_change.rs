@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -40,25 +40,18 @@ fn replace(file: &Path, text: &str) {
     std::fs::rename(&tmp, file).unwrap();
 }
 
-/// A TCP echo server (one thread per connection); lives as long as the test.
+/// A line echo server (one thread per connection); lives as long as the test.
 fn echo_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(s);
-                let mut line = String::new();
-                while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
-                    if r.get_mut().write_all(line.as_bytes()).is_err() {
-                        return;
-                    }
-                    line.clear();
-                }
-            });
+    common::tcp_app(|s| {
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+            if r.get_mut().write_all(line.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
         }
-    });
-    port
+    })
 }
 
 /// A long-lived client connection through the mesh.

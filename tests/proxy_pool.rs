@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -149,54 +149,31 @@ fn short_connections_share_one_pooled_mtls_connection() {
 /// An app that reads until EOF, answers `got N bytes` and closes: needs the client's half-close
 /// to reach it and its answer to come back afterwards.
 fn half_close_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut s = s;
-                let mut got = Vec::new();
-                if s.read_to_end(&mut got).is_ok() {
-                    let _ = write!(s, "got {} bytes", got.len());
-                }
-            });
+    common::tcp_app(|mut s| {
+        let mut got = Vec::new();
+        if s.read_to_end(&mut got).is_ok() {
+            let _ = write!(s, "got {} bytes", got.len());
         }
-    });
-    port
+    })
 }
 
 /// An app that echoes everything back, then closes after the client's EOF.
 fn echo_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-            });
-        }
-    });
-    port
+    common::tcp_app(|s| {
+        let mut r = s.try_clone().unwrap();
+        let mut w = s;
+        let _ = std::io::copy(&mut r, &mut w);
+    })
 }
 
 /// An app that reads one byte and closes with the rest unread: the kernel resets.
 fn resetting_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut s = s;
-                let mut one = [0u8; 1];
-                let _ = s.read_exact(&mut one);
-                thread::sleep(Duration::from_millis(200));
-                drop(s);
-            });
-        }
-    });
-    port
+    common::tcp_app(|mut s| {
+        let mut one = [0u8; 1];
+        let _ = s.read_exact(&mut one);
+        thread::sleep(Duration::from_millis(200));
+        drop(s);
+    })
 }
 
 #[test]

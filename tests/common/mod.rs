@@ -77,6 +77,19 @@ impl Drop for TempDir {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// A TCP app on a loopback port that runs `handle` on each accepted connection in a thread of
+/// its own; lives as long as the test process. Returns the port.
+pub fn tcp_app(handle: fn(std::net::TcpStream)) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let port = l.local_addr().expect("app address").port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || handle(s));
+        }
+    });
+    port
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
