@@ -22,7 +22,6 @@ pub mod rotation;
 pub mod sds;
 pub mod sds_resources;
 pub mod upstream_ca;
-pub mod upstream_check;
 pub mod upstream_files;
 pub mod workload_api;
 
