@@ -76,7 +76,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 /// A TCP app on a loopback port that runs `handle` on each accepted connection in a thread of
 /// its own; lives as long as the test process. Returns the port.
 pub fn tcp_app(handle: fn(std::net::TcpStream)) -> u16 {
@@ -90,12 +89,30 @@ pub fn tcp_app(handle: fn(std::net::TcpStream)) -> u16 {
     port
 }
 
+/// A free TCP port on 127.0.0.1 for a process the test starts (bound and released).
+///
+/// Taken from 22000–31999, below the kernel's ephemeral range (32768–60999): a port the kernel
+/// hands out for `bind(0)` can be taken again, before the sidecar binds it, as the source port
+/// of any outgoing connection — and the 10,000-connection flood test makes thousands of those.
+/// Each test process walks the range from its own offset, so parallel tests never pick the
+/// same port twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 22_000;
+    const SPAN: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(997) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// The py-spiffe venv interpreter (`.venv/bin/python` at the repo root), or `None` after
