@@ -20,6 +20,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -148,16 +149,17 @@ fn certified(
 
 fn load_web_cert(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>, String> {
     let cdata = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cdata.as_slice())
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cdata)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     if chain.is_empty() {
         return Err(format!("{}: no PEM certificate", cert.display()));
     }
     let kdata = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let key_der = rustls_pemfile::private_key(&mut kdata.as_slice())
-        .map_err(|e| format!("{}: {e}", key.display()))?
-        .ok_or_else(|| format!("{}: no PEM private key", key.display()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&kdata).map_err(|e| match e {
+        pem::Error::NoItemsFound => format!("{}: no PEM private key", key.display()),
+        e => format!("{}: {e}", key.display()),
+    })?;
     certified(chain, key_der)
 }
 

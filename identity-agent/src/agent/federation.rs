@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 
@@ -24,7 +25,7 @@ pub fn read_bundle_file(td: &TrustDomain, path: &Path) -> Result<Bundle, String>
         return Bundle::from_jwks(td.clone(), &data)
             .map_err(|e| format!("{}: {e}", path.display()));
     }
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut data.as_slice())
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
     if certs.is_empty() {

@@ -20,7 +20,8 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -261,7 +262,7 @@ fn client_config(
             let err = |e: String| FetchError::CaFile(ca_file.clone(), e);
             let data = std::fs::read(ca_file).map_err(|e| err(e.to_string()))?;
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut data.as_slice()) {
+            for c in CertificateDer::pem_slice_iter(&data) {
                 roots
                     .add(c.map_err(|e| err(e.to_string()))?)
                     .map_err(|e| err(e.to_string()))?;

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::agent::ca::{cert_validity, CaError, SigningCa, BACKDATE};
@@ -72,7 +73,7 @@ fn io_err(what: impl Into<String>, e: impl std::fmt::Display) -> CaError {
 /// The certificates of a PEM file.
 pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let data = std::fs::read(path).map_err(|e| io_err(path.display().to_string(), e))?;
-    rustls_pemfile::certs(&mut data.as_slice())
+    CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| io_err(path.display().to_string(), e))
 }

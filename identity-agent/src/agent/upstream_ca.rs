@@ -197,8 +197,8 @@ fn random_serial() -> Result<SerialNumber, UpstreamCaError> {
 
 /// The first certificate of a PEM text, DER.
 pub(crate) fn first_cert(pem_text: &str) -> Result<Vec<u8>, String> {
-    let mut reader = std::io::BufReader::new(pem_text.as_bytes());
-    let first = rustls_pemfile::certs(&mut reader).next();
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let first = CertificateDer::pem_slice_iter(pem_text.as_bytes()).next();
     match first {
         Some(Ok(c)) => Ok(c.to_vec()),
         Some(Err(e)) => Err(e.to_string()),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
@@ -45,7 +46,7 @@ fn roots(path: &Path) -> Result<rustls::RootCertStore, ConfigError> {
     let err = |m: String| ConfigError::Invalid(format!("k8s kubelet CA {}: {m}", path.display()));
     let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut data.as_slice()) {
+    for c in CertificateDer::pem_slice_iter(&data) {
         roots
             .add(c.map_err(|e| err(e.to_string()))?)
             .map_err(|e| err(e.to_string()))?;
