@@ -25,15 +25,21 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Debian's nginx starts a system service on install; our tests start their own instances.
+    # A policy-rc.d of our own (only if there is none) keeps any package from starting one, so
+    # nothing runs that this script did not start, and nothing of the machine's is stopped.
+    own_policy_rc=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+      own_policy_rc=1
+    fi
     apt-get update -qq </dev/null
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" </dev/null >/dev/null
+    [ -n "$own_policy_rc" ] && rm -f /usr/sbin/policy-rc.d
   else
     echo "warning: missing packages ${need_pkgs[*]} (run as root to install them); tests needing them will say so" >&2
   fi
 fi
-# nginx from Debian starts a service on install; our tests start their own instances.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop nginx >/dev/null 2>&1 || true; fi
-pkill -x nginx >/dev/null 2>&1 || true
 
 # --- python peers (py-spiffe, kubernetes-validate) in a venv ---------------------------------
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, grpc, envoy.service.secret.v3.sds_pb2_grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2' >/dev/null 2>&1 \
@@ -44,9 +50,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, grpc, envo
 fi
 
 # --- rust -------------------------------------------------------------------------------------
-say "cargo deny (licenses, bans, sources; advisories need the RustSec database online)"
+say "cargo deny (licenses, bans, sources)"
 command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --locked --quiet </dev/null
 cargo deny --all-features check licenses bans sources
+bash tests/advisories.sh
 say "SBOM (CycloneDX 1.5 JSON, one per crate: svidcar.cdx.json next to Cargo.toml, ...)"
 command -v cargo-cyclonedx >/dev/null 2>&1 || cargo install cargo-cyclonedx --locked --quiet </dev/null
 cargo cyclonedx --format json --all-features --spec-version 1.5 --no-build-deps -qq
