@@ -63,7 +63,8 @@ pub struct AgentCmd {
     /// Health/metrics listener (`/live`, `/ready`, `/metrics`), or `off` [default: 127.0.0.1:8088].
     #[arg(long)]
     health_addr: Option<String>,
-    /// Open connections one uid may hold on the socket; more are closed at once [default: 1024].
+    /// Open connections one uid may hold on the socket; more are closed at once [default: a
+    /// quarter of the open-files limit, 16 to 1024].
     #[arg(long, value_name = "N")]
     max_connections_per_uid: Option<usize>,
     /// Close a connection that sent no request within this time [default: 10s].

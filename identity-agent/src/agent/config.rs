@@ -23,9 +23,10 @@ pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:8088";
 /// Default socket mode: world-connectable, like SPIRE. Attestation (not file permissions)
 /// decides who gets an identity; a caller without an entry gets `PERMISSION_DENIED`.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o777;
-/// Default cap on open connections per uid on the agent socket: far above what one uid's
-/// workloads need (a sidecar holds one connection; 250 pods whose sidecars share a uid hold
-/// ~250), far below the open-files limit the agent raises itself to.
+/// Upper bound of the default cap on open connections per uid on the agent socket (the
+/// default is a quarter of the open-files limit, between 16 and this): far above what one
+/// uid's workloads need (a sidecar holds one connection; 250 pods whose sidecars share a uid
+/// hold ~250), far below the open-files limit the agent raises itself to.
 pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 1024;
 /// Default time a new connection may stay without sending a request.
 pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,7 +154,8 @@ pub struct AgentFile {
     pub ca_ttl: Option<String>,
     /// `host:port` of the health/metrics listener; `off` disables it.
     pub health_addr: Option<String>,
-    /// Open connections one uid may hold on the socket (default 1024).
+    /// Open connections one uid may hold on the socket (default: a quarter of the open-files
+    /// limit, at least 16, at most 1024).
     pub max_connections_per_uid: Option<usize>,
     /// How long a new connection may stay without a request (default 10s).
     pub first_request_timeout: Option<String>,
@@ -222,8 +224,9 @@ pub struct AgentConfig {
     pub ca_ttl: Duration,
     /// `None` disables the health/metrics listener.
     pub health_addr: Option<SocketAddr>,
-    /// Open connections one uid may hold on the socket; more are closed at accept.
-    pub max_connections_per_uid: usize,
+    /// Open connections one uid may hold on the socket; more are closed at accept. `None`:
+    /// a quarter of the open-files limit, between 16 and [`DEFAULT_MAX_CONNECTIONS_PER_UID`].
+    pub max_connections_per_uid: Option<usize>,
     /// A connection that sent no request by then is closed.
     pub first_request_timeout: Duration,
     pub entries: Vec<Entry>,
@@ -252,10 +255,8 @@ impl AgentConfig {
             f.first_request_timeout.as_deref(),
             DEFAULT_FIRST_REQUEST_TIMEOUT,
         )?;
-        let max_connections_per_uid = f
-            .max_connections_per_uid
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_UID);
-        if max_connections_per_uid == 0 {
+        let max_connections_per_uid = f.max_connections_per_uid;
+        if max_connections_per_uid == Some(0) {
             return Err(ConfigError::Invalid(
                 "max_connections_per_uid must be at least 1".into(),
             ));

@@ -176,8 +176,8 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), AgentError> {
     create_dirs(dir, 0o700)?;
     check_own_dir(dir, uid, false, "state directory")?;
     check_ancestors(dir, uid)?;
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| AgentError::State(format!("{}: {e}", dir.display())))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| AgentError::State(format!("{}: {e}", dir.display())))?;
     for entry in entries {
         let entry = entry.map_err(|e| AgentError::State(format!("{}: {e}", dir.display())))?;
         check_state_file(&entry.path(), uid)?;
@@ -273,7 +273,10 @@ mod tests {
         prepare_state_dir(&state).unwrap();
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = prepare_state_dir(&state).unwrap_err().to_string();
-        assert!(e.contains(&state.display().to_string()) && e.contains("chmod"), "{e}");
+        assert!(
+            e.contains(&state.display().to_string()) && e.contains("chmod"),
+            "{e}"
+        );
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
 
         let key = state.join("ca-key.pem");

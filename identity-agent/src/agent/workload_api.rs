@@ -92,13 +92,9 @@ impl WorkloadApi {
     ) -> impl std::future::Future<Output = Result<(Peer, Vec<Entry>), Status>> + Send + '_ {
         let peer = peer_of(req);
         async move {
-            let (workload, matched) = attest::caller::entitled(
-                peer.as_ref().as_ref(),
-                &self.config,
-                &self.metrics,
-                "",
-            )
-            .await?;
+            let (workload, matched) =
+                attest::caller::entitled(peer.as_ref().as_ref(), &self.config, &self.metrics, "")
+                    .await?;
             tracing::debug!(pid = workload.pid, ids = matched.len(), "caller entitled");
             match peer.as_ref() {
                 Ok(p) => Ok((p.clone(), matched)),
@@ -451,10 +447,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let listener = bind_socket(&config.socket, config.socket_mode)?;
+    let max_per_uid =
+        incoming::per_uid_cap(config.max_connections_per_uid, incoming::open_files_limit());
     let incoming = incoming::Incoming::new(
         listener,
         incoming::Limits {
-            max_per_uid: config.max_connections_per_uid,
+            max_per_uid,
             first_request_timeout: config.first_request_timeout,
         },
         metrics.clone(),
@@ -492,7 +490,7 @@ pub async fn serve(
     tokio::pin!(server);
     let _ = ready.send(true);
     tracing::info!(socket = %config.socket.display(), mode = format!("{:o}", config.socket_mode),
-        max_connections_per_uid = config.max_connections_per_uid,
+        max_connections_per_uid = max_per_uid,
         first_request_timeout = ?config.first_request_timeout, trust_domain = %config.trust_domain, entries = config.entries.len(), "Workload API listening");
     let result = tokio::select! {
         r = &mut server => r,

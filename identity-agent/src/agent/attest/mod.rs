@@ -26,11 +26,15 @@ pub enum AttestError {
     NoPid,
     #[error("process {pid} changed while being attested (pid reused or uid changed): {what}")]
     Changed { pid: i32, what: String },
-    #[error("process {pid} that opened the connection has exited (a process that inherited the \
-             socket may not use its identity)")]
+    #[error(
+        "process {pid} that opened the connection has exited (a process that inherited the \
+             socket may not use its identity)"
+    )]
     Exited { pid: i32 },
-    #[error("process {pid} runs {now} but ran {at_connect} when it connected: a process may \
-             not exec another binary and use the connection it opened before")]
+    #[error(
+        "process {pid} runs {now} but ran {at_connect} when it connected: a process may \
+             not exec another binary and use the connection it opened before"
+    )]
     ExeChanged {
         pid: i32,
         at_connect: String,

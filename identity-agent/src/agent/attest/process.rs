@@ -105,7 +105,10 @@ impl Process {
             _ => false,
         };
         if !same_exe {
-            let show = |e: &Option<Exe>| e.as_ref().map_or("an unreadable file".into(), |e| e.to_string());
+            let show = |e: &Option<Exe>| {
+                e.as_ref()
+                    .map_or("an unreadable file".into(), |e| e.to_string())
+            };
             return Err(AttestError::ExeChanged {
                 pid,
                 at_connect: show(&self.exe),
@@ -170,7 +173,10 @@ mod tests {
         assert_eq!(trusted_path(&exe), Some(current.to_str().unwrap()));
 
         let mut other = me.clone();
-        other.exe = Some(Exe { ino: exe.ino + 1, ..exe.clone() });
+        other.exe = Some(Exe {
+            ino: exe.ino + 1,
+            ..exe.clone()
+        });
         assert!(matches!(
             me.same_as_bound(pid, Some(&other)),
             Err(AttestError::ExeChanged { .. })

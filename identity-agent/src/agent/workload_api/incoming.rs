@@ -30,6 +30,7 @@ use tonic::transport::server::Connected;
 
 use crate::agent::attest::peer::Peer;
 use crate::agent::attest::AttestError;
+use crate::agent::config::DEFAULT_MAX_CONNECTIONS_PER_UID;
 use crate::agent::health::Metrics;
 
 /// Connection limits of the agent socket.
@@ -39,6 +40,36 @@ pub struct Limits {
     pub max_per_uid: usize,
     /// How long a new connection may stay without a request.
     pub first_request_timeout: Duration,
+}
+
+/// The soft open-files limit of this process (`/proc/self/limits`), if known.
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The per-uid connection cap: `configured`, else a quarter of the open-files limit between 16
+/// and [`DEFAULT_MAX_CONNECTIONS_PER_UID`] (so one uid can never hold most descriptors). Warns
+/// when a configured cap lets one uid take half of the limit or more.
+pub fn per_uid_cap(configured: Option<usize>, open_files: Option<u64>) -> usize {
+    let limit = open_files.and_then(|n| usize::try_from(n).ok());
+    match (configured, limit) {
+        (Some(n), Some(l)) => {
+            if n >= l / 2 {
+                tracing::warn!(
+                    max_connections_per_uid = n,
+                    open_files_limit = l,
+                    "max_connections_per_uid lets one uid hold half of the agent's open-files \
+                     limit or more: one local user could starve the others"
+                );
+            }
+            n
+        }
+        (Some(n), None) => n,
+        (None, Some(l)) => (l / 4).clamp(16, DEFAULT_MAX_CONNECTIONS_PER_UID),
+        (None, None) => DEFAULT_MAX_CONNECTIONS_PER_UID,
+    }
 }
 
 /// What the handlers learn about a connection (a request extension).
@@ -90,11 +121,7 @@ struct Permit {
 impl UidLimiter {
     /// `Ok(permit)`, or `Err(first)` when `uid` is at the limit (`first`: first refusal since
     /// it was last below).
-    fn acquire(
-        self: &Arc<Self>,
-        uid: u32,
-        metrics: &Arc<Metrics>,
-    ) -> Result<Permit, bool> {
+    fn acquire(self: &Arc<Self>, uid: u32, metrics: &Arc<Metrics>) -> Result<Permit, bool> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots.entry(uid).or_default();
         if slot.open >= self.max {
@@ -167,18 +194,19 @@ impl Incoming {
             tracing::warn!("closed a connection without peer credentials");
             return None;
         };
-        let permit = match self.limiter.acquire(uid, &self.metrics) {
-            Ok(p) => p,
-            Err(first) => {
-                self.metrics.connection_refused("per_uid_limit");
-                if first {
-                    tracing::warn!(uid, limit = self.limiter.max,
+        let permit =
+            match self.limiter.acquire(uid, &self.metrics) {
+                Ok(p) => p,
+                Err(first) => {
+                    self.metrics.connection_refused("per_uid_limit");
+                    if first {
+                        tracing::warn!(uid, limit = self.limiter.max,
                         "uid holds the maximum number of connections to the agent socket; closing \
                          new ones (raise max_connections_per_uid if this uid runs many workloads)");
+                    }
+                    return None;
                 }
-                return None;
-            }
-        };
+            };
         let peer = Peer::bind(cred, &self.proc_root);
         if let Err(e) = &peer {
             tracing::debug!(error = %e, uid, "caller could not be bound at accept");
@@ -307,6 +335,16 @@ impl AsyncWrite for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_cap_follows_the_open_files_limit() {
+        assert_eq!(per_uid_cap(None, Some(20_000)), 1024);
+        assert_eq!(per_uid_cap(None, Some(1024)), 256);
+        assert_eq!(per_uid_cap(None, Some(32)), 16);
+        assert_eq!(per_uid_cap(None, None), 1024);
+        assert_eq!(per_uid_cap(Some(5000), Some(1024)), 5000);
+        assert!(open_files_limit().is_some_and(|n| n > 0));
+    }
 
     #[test]
     fn per_uid_limit_counts_and_releases() {
