@@ -237,8 +237,7 @@ impl StreamState {
 
 /// One `StreamSecrets` stream.
 async fn secrets_stream(
-    peer: Peer,
-    caller: Caller,
+    (peer, caller): (Peer, Caller),
     mut inbound: Streaming<DiscoveryRequest>,
     mut state: watch::Receiver<Arc<TrustState>>,
     ttl: Duration,
@@ -323,11 +322,10 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (peer, caller) = self.caller(&req).await?;
+        let subscriber = self.caller(&req).await?;
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(secrets_stream(
-            peer,
-            caller,
+            subscriber,
             req.into_inner(),
             self.state.clone(),
             self.config.svid_ttl,

@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::agent::attest;
 use crate::agent::attest::peer::{Peer, PROC_ROOT};
-use crate::agent::attest::{self, AttestError};
 use crate::agent::ca::IssuedSvid;
 use crate::agent::config::AgentConfig;
 use crate::agent::entries::Entry;
@@ -34,15 +34,8 @@ pub mod incoming;
 mod socket;
 
 pub use claims::json_to_struct;
+pub use incoming::peer_of;
 pub use socket::bind_socket;
-
-/// The caller bound to the connection a request came on.
-pub fn peer_of<T>(req: &Request<T>) -> Arc<Result<Peer, AttestError>> {
-    req.extensions()
-        .get::<incoming::ConnInfo>()
-        .map(|c| c.peer.clone())
-        .unwrap_or_else(|| Arc::new(Err(AttestError::NoCredentials)))
-}
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";

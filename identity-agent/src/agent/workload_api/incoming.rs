@@ -89,6 +89,14 @@ impl ConnInfo {
 
 type HttpRequest = http::Request<tonic::body::Body>;
 
+/// The caller bound to the connection a request came on.
+pub fn peer_of<T>(req: &tonic::Request<T>) -> Arc<Result<Peer, AttestError>> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .map(|c| c.peer.clone())
+        .unwrap_or_else(|| Arc::new(Err(AttestError::NoCredentials)))
+}
+
 /// Marks every request's connection as served (a `tower` layer for the socket's server).
 pub fn mark_served_layer() -> tower::util::MapRequestLayer<fn(HttpRequest) -> HttpRequest> {
     tower::util::MapRequestLayer::new(|req: HttpRequest| {
