@@ -63,6 +63,13 @@ pub struct AgentCmd {
     /// Health/metrics listener (`/live`, `/ready`, `/metrics`), or `off` [default: 127.0.0.1:8088].
     #[arg(long)]
     health_addr: Option<String>,
+    /// Open connections one uid may hold on the socket; more are closed at once [default: a
+    /// quarter of the open-files limit, 16 to 1024].
+    #[arg(long, value_name = "N")]
+    max_connections_per_uid: Option<usize>,
+    /// Close a connection that sent no request within this time [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    first_request_timeout: Option<String>,
     #[command(flatten)]
     federation: Box<super::agent_federation::FederationArgs>,
     #[command(flatten)]
@@ -86,7 +93,9 @@ impl AgentCmd {
             svid_ttl,
             jwt_svid_ttl,
             ca_ttl,
-            health_addr
+            health_addr,
+            max_connections_per_uid,
+            first_request_timeout
         );
         for e in &self.entries {
             let (id, sels) = e.split_once('=').with_context(|| {
@@ -128,6 +137,15 @@ impl AgentCmd {
             .is_some_and(|k| k.config().auto_identity.is_some());
         if config.entries.is_empty() && !auto_k8s {
             tracing::warn!("no registration entries: every caller will get PERMISSION_DENIED");
+        }
+        // Every connection to the socket holds a descriptor; the usual soft limit (1024) is
+        // below what one local user could open (capped per uid, see max_connections_per_uid).
+        match svidcar_proxy::sys::raise_nofile_limit() {
+            Ok((old, new)) if new > old => {
+                tracing::info!(from = old, to = new, "raised the open-files limit")
+            }
+            Ok((_, new)) => tracing::info!(limit = new, "open-files limit"),
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
         }
         tracing::info!(trust_domain = %config.trust_domain, svid_ttl = %format_duration(config.svid_ttl),
             ca_ttl = %format_duration(config.ca_ttl), state_dir = %config.state_dir.display(), "starting agent");

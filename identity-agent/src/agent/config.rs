@@ -23,6 +23,13 @@ pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:8088";
 /// Default socket mode: world-connectable, like SPIRE. Attestation (not file permissions)
 /// decides who gets an identity; a caller without an entry gets `PERMISSION_DENIED`.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o777;
+/// Upper bound of the default cap on open connections per uid on the agent socket (the
+/// default is a quarter of the open-files limit, between 16 and this): far above what one
+/// uid's workloads need (a sidecar holds one connection; 250 pods whose sidecars share a uid
+/// hold ~250), far below the open-files limit the agent raises itself to.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 1024;
+/// Default time a new connection may stay without sending a request.
+pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +154,11 @@ pub struct AgentFile {
     pub ca_ttl: Option<String>,
     /// `host:port` of the health/metrics listener; `off` disables it.
     pub health_addr: Option<String>,
+    /// Open connections one uid may hold on the socket (default: a quarter of the open-files
+    /// limit, at least 16, at most 1024).
+    pub max_connections_per_uid: Option<usize>,
+    /// How long a new connection may stay without a request (default 10s).
+    pub first_request_timeout: Option<String>,
     #[serde(default)]
     pub entries: Vec<EntryFile>,
     #[serde(default)]
@@ -212,6 +224,11 @@ pub struct AgentConfig {
     pub ca_ttl: Duration,
     /// `None` disables the health/metrics listener.
     pub health_addr: Option<SocketAddr>,
+    /// Open connections one uid may hold on the socket; more are closed at accept. `None`:
+    /// a quarter of the open-files limit, between 16 and [`DEFAULT_MAX_CONNECTIONS_PER_UID`].
+    pub max_connections_per_uid: Option<usize>,
+    /// A connection that sent no request by then is closed.
+    pub first_request_timeout: Duration,
     pub entries: Vec<Entry>,
     pub federation: Vec<FederatedFile>,
     pub ca: CaSource,
@@ -234,6 +251,16 @@ impl AgentConfig {
         let jwt_svid_ttl = opt_duration(f.jwt_svid_ttl.as_deref(), Duration::from_secs(300))?;
         let ca_ttl = opt_duration(f.ca_ttl.as_deref(), Duration::from_secs(24 * 3600))?;
         let federation_poll = opt_duration(f.federation_poll.as_deref(), Duration::from_secs(1))?;
+        let first_request_timeout = opt_duration(
+            f.first_request_timeout.as_deref(),
+            DEFAULT_FIRST_REQUEST_TIMEOUT,
+        )?;
+        let max_connections_per_uid = f.max_connections_per_uid;
+        if max_connections_per_uid == Some(0) {
+            return Err(ConfigError::Invalid(
+                "max_connections_per_uid must be at least 1".into(),
+            ));
+        }
         let socket_mode = match f.socket_mode.as_deref() {
             None => DEFAULT_SOCKET_MODE,
             Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
@@ -314,6 +341,8 @@ impl AgentConfig {
             jwt_svid_ttl,
             ca_ttl,
             health_addr,
+            max_connections_per_uid,
+            first_request_timeout,
             entries,
             federation,
             ca,

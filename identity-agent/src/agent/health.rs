@@ -30,6 +30,9 @@ pub struct Metrics {
     attestation_failures: Family<Vec<(String, String)>, Counter>,
     /// Callers refused for lack of a matching entry.
     pub no_entry: Counter,
+    /// Open connections on the agent socket.
+    pub connections_open: Gauge,
+    connections_refused: Family<Vec<(String, String)>, Counter>,
     ca_not_after: Gauge,
     federation_refreshes: Family<Vec<(String, String)>, Counter>,
     federation_last_success: Family<Vec<(String, String)>, Gauge>,
@@ -70,6 +73,8 @@ impl Metrics {
         let streams_open = Gauge::default();
         let attestation_failures = Family::default();
         let no_entry = Counter::default();
+        let connections_open = Gauge::default();
+        let connections_refused = Family::default();
         let ca_not_after = Gauge::default();
         let federation_refreshes = Family::default();
         let federation_last_success = Family::default();
@@ -111,6 +116,18 @@ impl Metrics {
             no_entry.clone(),
         );
         registry.register(
+            "connections_open",
+            "Open connections on the agent socket",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Agent socket connections closed by the agent, by reason (per_uid_limit: the uid \
+             holds max_connections_per_uid; no_request: nothing sent within \
+             first_request_timeout; no_credentials; accept_error)",
+            connections_refused.clone(),
+        );
+        registry.register(
             "ca_not_after_seconds",
             "Expiry of the active signing CA (unix seconds)",
             ca_not_after.clone(),
@@ -122,6 +139,8 @@ impl Metrics {
             streams_open,
             attestation_failures,
             no_entry,
+            connections_open,
+            connections_refused,
             ca_not_after,
             federation_refreshes,
             federation_last_success,
@@ -159,6 +178,13 @@ impl Metrics {
                 .get_or_create(&vec![("trust_domain".into(), trust_domain.into())])
                 .set(i64::try_from(now).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Counts a connection the agent closed (or never served), by reason.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
     }
 
     /// Counts an attestation failure.

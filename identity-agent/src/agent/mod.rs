@@ -14,6 +14,7 @@ pub mod config;
 pub mod entries;
 pub mod federation;
 pub mod federation_client;
+pub mod file_safety;
 pub mod grpc_health;
 pub mod grpc_reflection;
 pub mod health;
@@ -56,6 +57,12 @@ pub enum AgentError {
     Jwt(String),
     #[error("state directory: {0}")]
     State(String),
+    #[error("refusing to start: {path} {problem}; fix: {fix}")]
+    UnsafePath {
+        path: String,
+        problem: String,
+        fix: String,
+    },
     #[error("Workload API server: {0}")]
     Serve(String),
 }
@@ -132,6 +139,23 @@ impl Sequence {
     }
 }
 
+/// Warns about entries that select on `unix:path:` without a uid or gid: any local user who
+/// can run that binary (or exec it on a connection opened just before) gets the identity.
+fn warn_path_only_entries(entries: &[entries::Entry]) {
+    for e in entries {
+        let has = |p: &str| e.selectors.iter().any(|s| s.starts_with(p));
+        if has("unix:path:")
+            && !has("unix:uid:")
+            && !has("unix:gid:")
+            && !has("unix:supplementary_gid:")
+        {
+            tracing::warn!(id = %e.id, selectors = ?e.selectors,
+                "entry selects on unix:path: without unix:uid: or unix:gid: — any local user who \
+                 can run that binary gets this identity; add the uid (or gid) the workload runs as");
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` completes: loads (or creates) the CA, starts the health
 /// listener, federation watchers and the CA rotation schedule, then serves the Workload API on
 /// the unix socket. The socket file is removed on the way out.
@@ -140,6 +164,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
+    file_safety::prepare_socket_dir(&config.socket)?;
+    file_safety::prepare_state_dir(&config.state_dir)?;
+    warn_path_only_entries(&config.entries);
     let metrics = Arc::new(Metrics::new());
     let mut cas = CaSet::load(
         &config.ca,

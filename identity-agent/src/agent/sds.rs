@@ -24,10 +24,10 @@ use svidcar_proto::envoy::service::secret::v3::secret_discovery_service_server::
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::attest;
+use crate::agent::attest::peer::Peer;
 use crate::agent::ca::IssuedSvid;
 use crate::agent::config::AgentConfig;
 use crate::agent::entries::Entry;
@@ -69,15 +69,20 @@ impl Sds {
     fn caller<T>(
         &self,
         req: &Request<T>,
-    ) -> impl std::future::Future<Output = Result<Caller, Status>> + Send + '_ {
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred);
+    ) -> impl std::future::Future<Output = Result<(Peer, Caller), Status>> + Send + '_ {
+        let peer = crate::agent::workload_api::peer_of(req);
         async move {
-            let (_, matched) =
-                attest::caller::entitled(cred, &self.config, &self.metrics, "SDS: ").await?;
-            Ok(Caller::new(matched))
+            let (_, matched) = attest::caller::entitled(
+                peer.as_ref().as_ref(),
+                &self.config,
+                &self.metrics,
+                "SDS: ",
+            )
+            .await?;
+            match peer.as_ref() {
+                Ok(p) => Ok((p.clone(), Caller::new(matched))),
+                Err(e) => Err(Status::permission_denied(e.to_string())),
+            }
         }
     }
 }
@@ -232,7 +237,7 @@ impl StreamState {
 
 /// One `StreamSecrets` stream.
 async fn secrets_stream(
-    caller: Caller,
+    (peer, caller): (Peer, Caller),
     mut inbound: Streaming<DiscoveryRequest>,
     mut state: watch::Receiver<Arc<TrustState>>,
     ttl: Duration,
@@ -253,7 +258,9 @@ async fn secrets_stream(
     };
     loop {
         let st = state.borrow_and_update().clone();
-        match s.response(&st, ttl, &metrics) {
+        let resp = attest::caller::recheck(&peer, &metrics, "SDS: ")
+            .and_then(|()| s.response(&st, ttl, &metrics));
+        match resp {
             Ok(Some(resp)) => {
                 tracing::debug!(version = %resp.version_info, resources = resp.resources.len(), "SDS: push");
                 if tx.send(Ok(resp)).await.is_err() {
@@ -315,10 +322,10 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let caller = self.caller(&req).await?;
+        let subscriber = self.caller(&req).await?;
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(secrets_stream(
-            caller,
+            subscriber,
             req.into_inner(),
             self.state.clone(),
             self.config.svid_ttl,
@@ -333,7 +340,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let caller = self.caller(&req).await?;
+        let (_, caller) = self.caller(&req).await?;
         let r = req.into_inner();
         check_type(&r)?;
         let st = self.state.borrow().clone();

@@ -16,11 +16,11 @@ use svidcar_proto::workload::{
 };
 use svidcar_proto::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tonic::transport::server::UdsConnectInfo;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::agent::attest::{self, Workload};
+use crate::agent::attest;
+use crate::agent::attest::peer::{Peer, PROC_ROOT};
 use crate::agent::ca::IssuedSvid;
 use crate::agent::config::AgentConfig;
 use crate::agent::entries::Entry;
@@ -30,9 +30,11 @@ use crate::bundle::Bundle;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
 mod claims;
+pub mod incoming;
 mod socket;
 
 pub use claims::json_to_struct;
+pub use incoming::peer_of;
 pub use socket::bind_socket;
 
 /// The header every Workload API call must carry.
@@ -74,17 +76,24 @@ impl Drop for StreamGuard {
 type Sender<T> = mpsc::Sender<Result<T, Status>>;
 
 impl WorkloadApi {
-    /// Attests the caller and returns it with its matching entries.
+    /// Attests the caller and returns it (as bound to its connection) with its matching
+    /// entries.
     #[allow(clippy::result_large_err)]
     fn entitled<T>(
         &self,
         req: &Request<T>,
-    ) -> impl std::future::Future<Output = Result<(Workload, Vec<Entry>), Status>> + Send + '_ {
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred);
-        async move { attest::caller::entitled(cred, &self.config, &self.metrics, "").await }
+    ) -> impl std::future::Future<Output = Result<(Peer, Vec<Entry>), Status>> + Send + '_ {
+        let peer = peer_of(req);
+        async move {
+            let (workload, matched) =
+                attest::caller::entitled(peer.as_ref().as_ref(), &self.config, &self.metrics, "")
+                    .await?;
+            tracing::debug!(pid = workload.pid, ids = matched.len(), "caller entitled");
+            match peer.as_ref() {
+                Ok(p) => Ok((p.clone(), matched)),
+                Err(e) => Err(Status::permission_denied(e.to_string())),
+            }
+        }
     }
 
     fn stop_rx(&self) -> watch::Receiver<bool> {
@@ -95,6 +104,7 @@ impl WorkloadApi {
     /// change; `make` builds a message from the state and the trust domains the caller may see.
     fn bundles_stream<T: Send + 'static>(
         &self,
+        peer: Peer,
         matched: &[Entry],
         make: impl Fn(&TrustState, &Option<BTreeSet<TrustDomain>>) -> T + Send + 'static,
     ) -> ReceiverStream<Result<T, Status>> {
@@ -108,6 +118,10 @@ impl WorkloadApi {
             loop {
                 let st = state.borrow_and_update().clone();
                 if st.bundles_version != sent_version {
+                    if let Err(status) = attest::caller::recheck(&peer, &metrics, "") {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                     if tx.send(Ok(make(&st, &allowed))).await.is_err() {
                         return;
                     }
@@ -227,6 +241,7 @@ fn bundles_map(
 /// The `FetchX509SVID` stream of one caller: issue lazily, re-issue at half life or when the
 /// signing CA changes, resend on bundle changes.
 async fn x509_stream(
+    peer: Peer,
     mut state: watch::Receiver<Arc<TrustState>>,
     entries: Vec<Entry>,
     default_ttl: Duration,
@@ -239,6 +254,10 @@ async fn x509_stream(
     let mut issued: Vec<IssuedSvid> = Vec::new();
     let mut signer = String::new();
     loop {
+        if let Err(status) = attest::caller::recheck(&peer, &metrics, "") {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
         let st = state.borrow_and_update().clone();
         let now = SystemTime::now();
         let due = issued.iter().any(|s| now >= s.refresh_at());
@@ -288,10 +307,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (workload, matched) = self.entitled(&req).await?;
-        tracing::debug!(pid = workload.pid, ids = matched.len(), "FetchX509SVID");
+        let (peer, matched) = self.entitled(&req).await?;
+        tracing::debug!(pid = peer.pid, ids = matched.len(), "FetchX509SVID");
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(x509_stream(
+            peer,
             self.state.clone(),
             matched,
             self.config.svid_ttl,
@@ -306,8 +326,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (_, matched) = self.entitled(&req).await?;
+        let (peer, matched) = self.entitled(&req).await?;
         Ok(Response::new(self.bundles_stream(
+            peer,
             &matched,
             |st, allowed| X509BundlesResponse {
                 crl: Vec::new(),
@@ -320,8 +341,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (_, matched) = self.entitled(&req).await?;
+        let (peer, matched) = self.entitled(&req).await?;
         Ok(Response::new(self.bundles_stream(
+            peer,
             &matched,
             |st, allowed| JwtBundlesResponse {
                 bundles: bundles_map(st, allowed, false),
@@ -418,6 +440,17 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let listener = bind_socket(&config.socket, config.socket_mode)?;
+    let max_per_uid =
+        incoming::per_uid_cap(config.max_connections_per_uid, incoming::open_files_limit());
+    let incoming = incoming::Incoming::new(
+        listener,
+        incoming::Limits {
+            max_per_uid,
+            first_request_timeout: config.first_request_timeout,
+        },
+        metrics.clone(),
+        PROC_ROOT.into(),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let sds = crate::agent::sds::Sds::new(
         config.clone(),
@@ -438,18 +471,20 @@ pub async fn serve(
     let svc = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
     let mut server_stop = stop_rx;
     let server = tonic::transport::Server::builder()
+        .layer(incoming::mark_served_layer())
         .add_service(svc)
         .add_service(sds.into_server())
         .add_service(health.into_server())
         .add_optional_service(reflection.as_ref().map(|r| r.v1()))
         .add_optional_service(reflection.as_ref().map(|r| r.v1alpha()))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = server_stop.wait_for(|s| *s).await;
         });
     tokio::pin!(server);
     let _ = ready.send(true);
     tracing::info!(socket = %config.socket.display(), mode = format!("{:o}", config.socket_mode),
-        trust_domain = %config.trust_domain, entries = config.entries.len(), "Workload API listening");
+        max_connections_per_uid = max_per_uid,
+        first_request_timeout = ?config.first_request_timeout, trust_domain = %config.trust_domain, entries = config.entries.len(), "Workload API listening");
     let result = tokio::select! {
         r = &mut server => r,
         _ = shutdown => {

@@ -1,35 +1,22 @@
 //! Attestation of a socket caller with every configured attestor: unix (always), then
 //! Kubernetes (when configured), and the automatic Kubernetes identity.
 
-use std::path::Path;
-
-use tokio::net::unix::UCred;
-
+use super::peer::Peer;
 use super::{unix, AttestError, Workload};
 use crate::agent::config::AgentConfig;
 use crate::agent::entries::{self, Entry};
 use crate::agent::health::Metrics;
 
-/// Attests the caller: unix selectors, plus `k8s:` selectors when Kubernetes attestation is
-/// on. The process's start time is read before and after, so a pid reused while the kubelet
-/// was consulted is refused.
-pub async fn attest_caller(
-    cred: Option<UCred>,
-    config: &AgentConfig,
-) -> Result<Workload, AttestError> {
+/// Attests the caller bound to a connection: unix selectors, plus `k8s:` selectors when
+/// Kubernetes attestation is on. The process is checked again after the kubelet was
+/// consulted, so a pid that exited, was reused or exec'd meanwhile is refused.
+pub async fn attest_caller(peer: &Peer, config: &AgentConfig) -> Result<Workload, AttestError> {
+    let mut workload = unix::attest(peer)?;
     let Some(k8s) = config.k8s.as_ref() else {
-        return unix::attest(cred, Path::new("/proc"));
+        return Ok(workload);
     };
-    let pid = cred.and_then(|c| c.pid());
-    let before = pid.and_then(start_time);
-    let mut workload = unix::attest(cred, Path::new("/proc"))?;
     let k8s_selectors = k8s.selectors(workload.pid).await?;
-    if before.is_some() && start_time(workload.pid) != before {
-        return Err(AttestError::Changed {
-            pid: workload.pid,
-            what: "start time changed during Kubernetes attestation".into(),
-        });
-    }
+    peer.verify()?;
     workload.selectors.extend(k8s_selectors);
     Ok(workload)
 }
@@ -40,12 +27,16 @@ pub async fn attest_caller(
 /// `log_prefix`) and answered `PERMISSION_DENIED`.
 #[allow(clippy::result_large_err)]
 pub async fn entitled(
-    cred: Option<UCred>,
+    peer: Result<&Peer, &AttestError>,
     config: &AgentConfig,
     metrics: &Metrics,
     log_prefix: &str,
 ) -> Result<(Workload, Vec<Entry>), tonic::Status> {
-    let workload = attest_caller(cred, config).await.map_err(|e| {
+    let attested = match peer {
+        Ok(peer) => attest_caller(peer, config).await,
+        Err(e) => Err(e.clone()),
+    };
+    let workload = attested.map_err(|e| {
         metrics.attestation_failed(e.reason());
         tracing::warn!(error = %e, "{log_prefix}attestation failed");
         tonic::Status::permission_denied(format!("caller could not be attested: {e}"))
@@ -64,6 +55,17 @@ pub async fn entitled(
         ));
     }
     Ok((workload, matched))
+}
+
+/// Before each update on an open stream: the connection's process must still be the one bound
+/// at accept (same start time, uid and executable), else the stream ends `PERMISSION_DENIED`.
+#[allow(clippy::result_large_err)]
+pub fn recheck(peer: &Peer, metrics: &Metrics, log_prefix: &str) -> Result<(), tonic::Status> {
+    peer.verify().map(|_| ()).map_err(|e| {
+        metrics.attestation_failed(e.reason());
+        tracing::warn!(error = %e, "{log_prefix}stream ended: caller changed");
+        tonic::Status::permission_denied(format!("caller changed: {e}"))
+    })
 }
 
 /// Appends the automatic `spiffe://<td>/ns/<ns>/sa/<sa>` entry when enabled and the workload
@@ -92,11 +94,4 @@ pub fn add_auto_identity(config: &AgentConfig, workload: &Workload, matched: &mu
         Ok(e) => matched.push(e),
         Err(e) => tracing::warn!(error = %e, "cannot build the automatic Kubernetes identity"),
     }
-}
-
-/// Field 22 of `/proc/<pid>/stat` (parsed after the last `)`).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }

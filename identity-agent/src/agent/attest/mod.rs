@@ -7,6 +7,8 @@ pub mod k8s;
 pub mod k8s_cgroup;
 pub mod k8s_pods;
 mod k8s_tls;
+pub mod peer;
+pub mod process;
 pub mod unix;
 
 use std::collections::BTreeSet;
@@ -24,6 +26,20 @@ pub enum AttestError {
     NoPid,
     #[error("process {pid} changed while being attested (pid reused or uid changed): {what}")]
     Changed { pid: i32, what: String },
+    #[error(
+        "process {pid} that opened the connection has exited (a process that inherited the \
+             socket may not use its identity)"
+    )]
+    Exited { pid: i32 },
+    #[error(
+        "process {pid} runs {now} but ran {at_connect} when it connected: a process may \
+             not exec another binary and use the connection it opened before"
+    )]
+    ExeChanged {
+        pid: i32,
+        at_connect: String,
+        now: String,
+    },
     #[error("cannot read /proc/{pid}: {reason}")]
     Proc { pid: i32, reason: String },
     #[error("Kubernetes attestation: {0}")]
@@ -37,6 +53,8 @@ impl AttestError {
             AttestError::NoCredentials => "no_credentials",
             AttestError::NoPid => "no_pid",
             AttestError::Changed { .. } => "pid_reused",
+            AttestError::Exited { .. } => "process_exited",
+            AttestError::ExeChanged { .. } => "exe_changed",
             AttestError::Proc { .. } => "proc_unreadable",
             AttestError::Kubernetes(_) => "kubernetes",
         }

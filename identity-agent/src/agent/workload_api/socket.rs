@@ -5,19 +5,18 @@ use std::path::Path;
 
 use tokio::net::UnixListener;
 
+use crate::agent::file_safety::prepare_socket_dir;
 use crate::agent::AgentError;
 
-/// Binds the socket: creates the parent directory, replaces a stale socket file (refuses if
-/// another agent still answers on it, or if the path is not a socket), sets `mode`.
+/// Binds the socket: creates the parent directory and checks that no other user controls it
+/// ([`prepare_socket_dir`]), replaces a stale socket file (refuses if another agent still
+/// answers on it, or if the path is not a socket), sets `mode`.
 pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
     let err = |reason: String| AgentError::Socket {
         path: path.display().to_string(),
         reason,
     };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| err(format!("cannot create directory: {e}")))?;
-    }
+    prepare_socket_dir(path)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(err(
