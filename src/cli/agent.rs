@@ -63,6 +63,10 @@ pub struct AgentCmd {
     /// Health/metrics listener (`/live`, `/ready`, `/metrics`), or `off` [default: 127.0.0.1:8088].
     #[arg(long)]
     health_addr: Option<String>,
+    /// Allow a non-loopback --health-addr (e.g. `0.0.0.0:8088` for Kubernetes probes; sets
+    /// `health_allow_remote: true`).
+    #[arg(long)]
+    health_allow_remote: bool,
     #[command(flatten)]
     federation: Box<super::agent_federation::FederationArgs>,
     #[command(flatten)]
@@ -88,6 +92,9 @@ impl AgentCmd {
             ca_ttl,
             health_addr
         );
+        if self.health_allow_remote {
+            f.health_allow_remote = Some(true);
+        }
         for e in &self.entries {
             let (id, sels) = e.split_once('=').with_context(|| {
                 format!("--entry {e:?}: expected SPIFFE_ID=SELECTOR[,SELECTOR...]")
