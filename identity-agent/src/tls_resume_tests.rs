@@ -249,6 +249,8 @@ fn a_cached_verification_ends_with_the_chain_and_the_bundle_set() {
     let small = VerifiedChains::new(1);
     for _ in 0..3 {
         let (der, _) = leaf(&ca, &leaf_params(id));
-        assert!(small.verify(&[der], &bundles, now, PeerRole::Client).is_ok());
+        assert!(small
+            .verify(&[der], &bundles, now, PeerRole::Client)
+            .is_ok());
     }
 }

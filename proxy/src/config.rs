@@ -575,8 +575,8 @@ mod tests {
         assert!(c.validate().is_err());
         let c = ProxyConfig::from_yaml("admin_addr: 10.1.2.3:15000\n").unwrap();
         assert!(c.validate().is_err());
-        let c =
-            ProxyConfig::from_yaml("admin_addr: 0.0.0.0:15000\nadmin_allow_remote: true\n").unwrap();
+        let c = ProxyConfig::from_yaml("admin_addr: 0.0.0.0:15000\nadmin_allow_remote: true\n")
+            .unwrap();
         assert!(c.validate().is_ok());
         for local in ["127.0.0.1:15000", "127.0.0.9:1", "\"[::1]:15000\""] {
             let c = ProxyConfig::from_yaml(&format!("admin_addr: {local}\n")).unwrap();

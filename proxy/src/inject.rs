@@ -113,9 +113,9 @@ pub fn default_proxy_args() -> Vec<String> {
         "0.0.0.0:15000",
         "--admin-allow-remote",
     ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Why an object could not be injected.

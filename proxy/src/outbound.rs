@@ -269,7 +269,8 @@ async fn dial<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         let Err(e) = ctx.creds.recheck_outbound(tls.get_ref().1, expect) else {
             return Ok(tls);
         };
-        ctx.metrics.handshake_failed("outbound", "resumed_peer_invalid");
+        ctx.metrics
+            .handshake_failed("outbound", "resumed_peer_invalid");
         ctx.creds.forget_sessions(expect, &name);
         reset(tls.into_inner().0);
         let reason = format!("resumed_peer_invalid: resumed session to {upstream}: {e}");

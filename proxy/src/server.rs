@@ -210,14 +210,14 @@ impl Proxy {
             authz,
         };
         let header_timeout = config.limits.header_timeout.0;
-        let admin_addr = admin::spawn(config.admin_addr, header_timeout, Arc::new(state))
-            .map_err(|source| {
-            StartError::Bind {
-                addr: config.admin_addr,
-                what: "admin".into(),
-                source,
-            }
-        })?;
+        let admin_addr =
+            admin::spawn(config.admin_addr, header_timeout, Arc::new(state)).map_err(|source| {
+                StartError::Bind {
+                    addr: config.admin_addr,
+                    what: "admin".into(),
+                    source,
+                }
+            })?;
         tracing::info!("{policy}");
         Ok(Self {
             ctx,
