@@ -271,7 +271,7 @@ impl fmt::Debug for ServerResumption {
 
 impl ServerResumption {
     /// A session cache of `capacity` entries and an aws-lc-rs ticketer, both behind a
-    /// [`ResumptionGuard`] (which remembers up to `capacity` verified chains).
+    /// [`ResumptionGuard`].
     pub fn new(capacity: usize) -> Result<Self, TlsError> {
         let guard = Arc::new(ResumptionGuard::new(capacity));
         Ok(Self {

@@ -141,11 +141,12 @@ impl fmt::Debug for ResumptionGuard {
 }
 
 impl ResumptionGuard {
-    /// A guard without bundles yet (it refuses every resumption until [`Self::set_bundles`]).
+    /// A guard without bundles yet (it refuses every resumption until [`Self::set_bundles`]);
+    /// it remembers up to `capacity` (at most 1024) verified chains.
     pub fn new(capacity: usize) -> Self {
         Self {
             bundles: ArcSwapOption::empty(),
-            chains: VerifiedChains::new(capacity),
+            chains: VerifiedChains::new(capacity.min(1024)),
         }
     }
 
