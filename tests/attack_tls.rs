@@ -1,6 +1,7 @@
 //! Attacks on the TLS layer with the real binaries: resumed sessions of peers that are no longer
 //! trusted (SVID expired, trust domain removed from the bundles), inbound and outbound; a
-//! pooled (`svidcar-mux/1`) peer opening streams after its SVID expired. Every case asserts what
+//! pooled (`svidcar-mux/1`) peer opening streams after its SVID expired, and an outbound pooled
+//! connection kept past the upstream's certificate. Every case asserts what
 //! the application (or the fake upstream) received, and that a valid peer still resumes, so that
 //! the test fails if resumption were silently switched off. Admin listeners: attack_tls_admin.rs.
 
@@ -376,4 +377,99 @@ fn a_mux_peer_whose_svid_expired_opens_no_new_stream() {
         "the app got a stream from an expired peer"
     );
     backend.wait_log(&["mux: the peer's SVID", "expired"]);
+}
+
+/// A `svidcar-mux/1` server presenting `chain` (no client auth): each `CONNECT` stream is
+/// answered `200` and, once a request arrived on it, `hello from mux`. Counts TLS connections
+/// and streams that carried a request.
+fn fake_mux_upstream(
+    rt: &tokio::runtime::Runtime,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> (u16, Arc<Mutex<(usize, usize)>>) {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"svidcar-mux/1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let std = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = std.local_addr().unwrap().port();
+    std.set_nonblocking(true).unwrap();
+    let counts = Arc::new(Mutex::new((0, 0)));
+    let seen = counts.clone();
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(std).unwrap();
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                seen.lock().unwrap().0 += 1;
+                let Ok(mut h2) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = h2.accept().await {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut send) = respond.send_response(http::Response::new(()), false)
+                        else {
+                            return;
+                        };
+                        let mut body = req.into_body();
+                        if let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            seen.lock().unwrap().1 += 1;
+                            let reply = b"HTTP/1.0 200 OK\r\n\r\nhello from mux\n";
+                            let _ = send.send_data(bytes::Bytes::from_static(reply), true);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (port, counts)
+}
+
+#[test]
+fn a_pooled_connection_is_not_used_past_the_upstream_certificate() {
+    let mesh = Mesh::start("attack-tls-pool", &[]);
+    let ca = AgentCa::load(&mesh.agent.state_dir);
+    let backend_id = format!("spiffe://{TD}/backend");
+    let (chain, key, end) = short_lived(&ca, &backend_id, Duration::from_secs(5));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (up_port, counts) = fake_mux_upstream(&rt, chain, key);
+    let (frontend, port) = mesh.frontend(up_port, &backend_id);
+    let get = || http_get(([127, 0, 0, 1], port).into(), "/");
+    for _ in 0..2 {
+        let (status, body) = get().expect("call through the pool");
+        assert_eq!((status, body.as_str()), (200, "hello from mux\n"));
+    }
+    assert_eq!(
+        *counts.lock().unwrap(),
+        (1, 2),
+        "two streams on one pooled connection"
+    );
+
+    wait_past(end);
+    let r = get();
+    assert!(
+        !matches!(r, Ok((200, _))),
+        "served past the upstream's expiry: {r:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        counts.lock().unwrap().1,
+        2,
+        "a stream reached the expired upstream"
+    );
+    frontend.wait_log(&["handshake_failed", "certificate_expired"]);
 }
