@@ -9,6 +9,9 @@
 //! - [`server_config`] / [`client_config`]: TLS 1.3 only, ALPN [`ALPN_SVIDCAR`], session
 //!   resumption (server session cache + tickets, client resumption store), signatures verified
 //!   with the aws-lc-rs provider.
+//! - Resumption never skips verification ([`resume`]): the server resumes only tickets whose
+//!   client chain still verifies now ([`ResumptionGuard`]), and [`recheck_resumed`] verifies the
+//!   peer of a resumed connection again after the handshake (both sides).
 //! - [`peer_spiffe_id`]: the SPIFFE ID of the peer of an established connection.
 
 use std::fmt;
@@ -28,6 +31,10 @@ use rustls::{
 use crate::bundle::BundleSet;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::svid::{self, SvidError, X509Svid};
+
+#[path = "tls_resume.rs"]
+pub mod resume;
+pub use resume::{recheck_resumed, ResumptionGuard, VerifiedChains};
 
 /// The ALPN protocol id spoken between svidcar proxies.
 pub const ALPN_SVIDCAR: &[u8] = b"svidcar/1";
@@ -52,6 +59,9 @@ pub enum TlsError {
     /// The peer's chain is not a valid SVID for any trust domain we hold a bundle for.
     #[error("peer certificate rejected: {0}")]
     Svid(#[from] SvidError),
+    /// No credentials (hence no bundles) are installed to verify a peer against.
+    #[error("no trust bundles in force")]
+    NoBundles,
 }
 
 /// The identity an outbound connection expects the server to present.
@@ -240,13 +250,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// Resumption state that outlives one SVID: kept across rotations so that a rotation does not
-/// force every peer back to a full handshake.
+/// force every peer back to a full handshake. Both the cache and the ticketer resume a session
+/// only when its client chain still verifies against the bundles of the last config built with
+/// this state, at the current time ([`ResumptionGuard`]).
 #[derive(Clone)]
 pub struct ServerResumption {
     /// Stateful TLS 1.3 session cache.
     pub cache: Arc<dyn StoresServerSessions>,
     /// Stateless tickets (keys rotate inside the ticketer).
     pub ticketer: Arc<dyn ProducesTickets>,
+    /// Checks every session before it is resumed.
+    pub guard: Arc<ResumptionGuard>,
 }
 
 impl fmt::Debug for ServerResumption {
@@ -256,17 +270,27 @@ impl fmt::Debug for ServerResumption {
 }
 
 impl ServerResumption {
-    /// A session cache of `capacity` entries and an aws-lc-rs ticketer.
+    /// A session cache of `capacity` entries and an aws-lc-rs ticketer, both behind a
+    /// [`ResumptionGuard`].
     pub fn new(capacity: usize) -> Result<Self, TlsError> {
+        let guard = Arc::new(ResumptionGuard::new(capacity));
         Ok(Self {
-            cache: rustls::server::ServerSessionMemoryCache::new(capacity),
-            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+            cache: Arc::new(resume::GuardedSessions {
+                inner: rustls::server::ServerSessionMemoryCache::new(capacity),
+                guard: guard.clone(),
+            }),
+            ticketer: Arc::new(resume::GuardedTicketer {
+                inner: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+                guard: guard.clone(),
+            }),
+            guard,
         })
     }
 }
 
 /// Builds the inbound (server) config: our SVID, mandatory SPIFFE client auth, TLS 1.3,
-/// ALPN `svidcar/1`, session resumption.
+/// ALPN `svidcar/1`, session resumption. From now on `resumption` resumes only sessions whose
+/// client chain verifies against `bundles` (the newest config's bundles are the ones in force).
 pub fn server_config(
     svid: &X509Svid,
     bundles: Arc<BundleSet>,
@@ -274,11 +298,12 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles)))
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles.clone())))
         .with_single_cert(svid.chain.clone(), svid.private_key())?;
     config.alpn_protocols = vec![ALPN_SVIDCAR.to_vec()];
     config.session_storage = resumption.cache.clone();
     config.ticketer = resumption.ticketer.clone();
+    resumption.guard.set_bundles(bundles);
     Ok(Arc::new(config))
 }
 

@@ -1,7 +1,8 @@
 //! The admin listener (default `127.0.0.1:15000`), on its own thread and runtime so a scrape
 //! never competes with traffic: `/ready` (503 until an SVID is held), `/live`, `/metrics`
 //! (Prometheus text), `/config` (SVID serial and validity, bundles, listeners — never keys),
-//! `/policy` (the effective authorization policy).
+//! `/policy` (the effective authorization policy). Loopback only unless
+//! `admin_allow_remote`; request headers must arrive within `limits.header_timeout`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -140,8 +141,15 @@ impl AdminState {
 }
 
 /// Binds `addr` now (so errors surface at startup) and serves the admin endpoints on a
-/// dedicated thread with its own single-threaded runtime. Returns the bound address.
-pub fn spawn(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
+/// dedicated thread with its own single-threaded runtime. A connection whose request headers
+/// do not arrive within `header_timeout` (also between keep-alive requests) is closed.
+/// Returns the bound address. Whether `addr` may be non-loopback is the configuration's call
+/// ([`crate::config::ProxyConfig::admin_allow_remote`]).
+pub fn spawn(
+    addr: SocketAddr,
+    header_timeout: std::time::Duration,
+    state: Arc<AdminState>,
+) -> std::io::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let bound = std_listener.local_addr()?;
@@ -169,6 +177,8 @@ pub fn spawn(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
                             },
                         );
                         let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(header_timeout)
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
                     });

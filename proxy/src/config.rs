@@ -4,6 +4,7 @@
 //! ```yaml
 //! agent_socket: /run/svidcar/agent.sock     # default: $SPIFFE_ENDPOINT_SOCKET or this path
 //! admin_addr: 127.0.0.1:15000
+//! admin_allow_remote: false                 # true: admin_addr may be a non-loopback address
 //! inbound:                                  # explicit mode: one mTLS listener per app port
 //!   - listen: 0.0.0.0:8443
 //!     app_port: 8080
@@ -409,9 +410,10 @@ pub struct Limits {
     pub drain_timeout: Dur,
     /// Connect timeout to upstreams and the local app.
     pub connect_timeout: Dur,
-    /// `http` ports: a request's headers must arrive within this time, or the connection is
-    /// closed (slowloris guard). hyper also applies it while a keep-alive connection waits for
-    /// its next request, so it bounds how long an idle HTTP/1 keep-alive connection is kept.
+    /// `http` ports and the admin listener: a request's headers must arrive within this time,
+    /// or the connection is closed (slowloris guard). hyper also applies it while a keep-alive
+    /// connection waits for its next request, so it bounds how long an idle HTTP/1 keep-alive
+    /// connection is kept.
     pub header_timeout: Dur,
 }
 
@@ -436,6 +438,9 @@ pub struct ProxyConfig {
     pub agent_socket: PathBuf,
     /// Admin listener (/ready, /live, /metrics, /config).
     pub admin_addr: SocketAddr,
+    /// Allow a non-loopback [`Self::admin_addr`] (e.g. `0.0.0.0:15000` for Kubernetes probes):
+    /// the admin endpoints show the configuration, policy and metrics to whoever reaches them.
+    pub admin_allow_remote: bool,
     /// Explicit inbound listeners.
     pub inbound: Vec<InboundListener>,
     /// Explicit outbound routes.
@@ -461,6 +466,7 @@ impl Default for ProxyConfig {
         Self {
             agent_socket,
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            admin_allow_remote: false,
             inbound: Vec::new(),
             outbound: Vec::new(),
             transparent: TransparentConfig::default(),
@@ -511,6 +517,15 @@ impl ProxyConfig {
                 ));
             }
         }
+        if !self.admin_addr.ip().is_loopback() && !self.admin_allow_remote {
+            return Err(bad(
+                "admin_addr",
+                &self.admin_addr.to_string(),
+                "is not a loopback address: the admin listener shows the configuration, policy \
+                 and metrics without authentication; set admin_allow_remote: true (or \
+                 --admin-allow-remote) to serve it there anyway",
+            ));
+        }
         self.pool.validate()?;
         if self.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "0", "must be at least 1"));
@@ -546,6 +561,28 @@ mod tests {
             5124095576030431 * 3600
         );
         assert!(ProxyConfig::from_yaml("limits:\n  idle_timeout: 999999999999999999h\n").is_err());
+    }
+
+    #[test]
+    fn a_remote_admin_address_needs_the_opt_in() {
+        let c = ProxyConfig::from_yaml("admin_addr: 0.0.0.0:15000\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("admin_addr") && e.contains("admin_allow_remote"),
+            "{e}"
+        );
+        let c = ProxyConfig::from_yaml("admin_addr: \"[::]:15000\"\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = ProxyConfig::from_yaml("admin_addr: 10.1.2.3:15000\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = ProxyConfig::from_yaml("admin_addr: 0.0.0.0:15000\nadmin_allow_remote: true\n")
+            .unwrap();
+        assert!(c.validate().is_ok());
+        for local in ["127.0.0.1:15000", "127.0.0.9:1", "\"[::1]:15000\""] {
+            let c = ProxyConfig::from_yaml(&format!("admin_addr: {local}\n")).unwrap();
+            assert!(c.validate().is_ok(), "{local}");
+        }
+        assert!(ProxyConfig::default().validate().is_ok());
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! - New handshakes pick up the newest configs; open connections keep what they negotiated.
 //! - Fail closed: once the installed SVID has expired (the agent is gone and could not renew it),
 //!   [`Credentials::current`] returns `None` and every new connection is refused.
+//! - Session resumption never skips verification: the inbound resumption state resumes only
+//!   sessions whose client chain verifies against the bundles in force now
+//!   ([`svidcar_agent::tls::ResumptionGuard`]); after a resumed handshake, in either direction,
+//!   [`Credentials::recheck_inbound`] / [`Credentials::recheck_outbound`] verify the restored
+//!   peer chain again (outbound tickets are bound to the config, so a new SVID or new bundles
+//!   already start over with full handshakes).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +20,8 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use rustls::client::ClientSessionStore;
-use rustls::pki_types::UnixTime;
-use rustls::{ClientConfig, ServerConfig};
+use rustls::pki_types::{ServerName, UnixTime};
+use rustls::{ClientConfig, CommonState, ServerConfig};
 use svidcar_agent::tls::{self, ExpectedPeer, ServerResumption, TlsError};
 use svidcar_agent::{BundleSet, SpiffeId, X509Svid};
 use tokio::sync::watch;
@@ -216,6 +222,51 @@ impl Credentials {
         self.metrics.svid_rotations.inc();
         self.update_gauge();
         Ok(installed)
+    }
+
+    /// Inbound: when `conn` was resumed, verifies the client's chain (restored from the ticket)
+    /// again against the bundles in force, now ([`tls::recheck_resumed`]).
+    pub fn recheck_inbound(&self, conn: &CommonState) -> Result<(), TlsError> {
+        self.recheck(conn, svidcar_agent::svid::PeerRole::Client, None)
+    }
+
+    /// Outbound: when `conn` was resumed, verifies the server's chain again against the bundles
+    /// in force, now, and that it still names `expected`.
+    pub fn recheck_outbound(
+        &self,
+        conn: &CommonState,
+        expected: &ExpectedPeer,
+    ) -> Result<(), TlsError> {
+        self.recheck(conn, svidcar_agent::svid::PeerRole::Server, Some(expected))
+    }
+
+    fn recheck(
+        &self,
+        conn: &CommonState,
+        role: svidcar_agent::svid::PeerRole,
+        expected: Option<&ExpectedPeer>,
+    ) -> Result<(), TlsError> {
+        if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+            return Ok(());
+        }
+        let bundles = self.last().ok_or(TlsError::NoBundles)?.bundles.clone();
+        let chains = self.server_resumption.guard.chains();
+        tls::recheck_resumed(conn, &bundles, role, expected, chains)
+    }
+
+    /// Drops the outbound resumption tickets held for `name` under `expected` (their server
+    /// chain no longer verifies), so that the next handshake there is a full one.
+    pub fn forget_sessions(&self, expected: &ExpectedPeer, name: &ServerName<'static>) {
+        let Some(store) = self.client_stores.get(expected) else {
+            return;
+        };
+        store.remove_tls12_session(name);
+        // The store holds a few tickets per server; bounded in case the peer keeps adding.
+        for _ in 0..64 {
+            if store.take_tls13_ticket(name).is_none() {
+                break;
+            }
+        }
     }
 
     /// Forgets the credentials (the agent says this workload has no identity anymore).

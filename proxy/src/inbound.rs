@@ -4,7 +4,8 @@
 //! 1. target: the app port and the port's mode (explicit listener, or the original destination
 //!    of a redirected socket in transparent mode);
 //! 2. detect mesh TLS vs plaintext by peeking; plaintext on a `strict` port is reset;
-//! 3. mTLS handshake (with a timeout) on the current credentials; the peer's SPIFFE ID;
+//! 3. mTLS handshake (with a timeout) on the current credentials; the peer's SPIFFE ID (a
+//!    resumed session's peer chain is verified again, against the bundles and clock of now);
 //! 4. authorization ([`crate::authz::Authorizer`]); denied → TCP RST;
 //! 5. connect to `127.0.0.1:<app port>` and copy both ways, until the end or until a new policy
 //!    denies the connection (then RST both ways, see [`crate::conn_registry`]).
@@ -208,6 +209,17 @@ pub async fn handle(
             };
             let peer = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
             access.peer_id = peer.clone();
+            if let Err(e) = ctx.creds.recheck_inbound(tls.get_ref().1) {
+                // A resumed session whose restored client chain no longer verifies (expired,
+                // trust domain removed): refused before a byte reaches the app.
+                ctx.metrics.handshake_failed(DIR, "resumed_peer_invalid");
+                access.refused(
+                    &ctx.metrics,
+                    "handshake_failed",
+                    &format!("resumed_peer_invalid: resumed session: {e}"),
+                );
+                return reset(tls.into_inner().0);
+            }
             let Some(peer) = peer else {
                 ctx.metrics.handshake_failed(DIR, "no_client_certificate");
                 access.refused(
@@ -221,6 +233,15 @@ pub async fn handle(
                 // A pooling peer proxy: one logical connection per stream (crate::mux). Each
                 // stream takes its own permit; the carrier connection gives its one back, so the
                 // limit and the drain count application connections, as without the pool.
+                let Some(peer_not_after) = svidcar_agent::tls::peer_not_after(tls.get_ref().1)
+                else {
+                    access.refused(
+                        &ctx.metrics,
+                        "handshake_failed",
+                        "invalid_certificate: cannot read the peer certificate's validity",
+                    );
+                    return reset(tls.into_inner().0);
+                };
                 let Ok(_carrier) = ctx.mux.carriers.clone().try_acquire_owned() else {
                     ctx.metrics.overloaded.inc();
                     access.refused(
@@ -241,6 +262,7 @@ pub async fn handle(
                 let facts = crate::mux::server::MuxFacts {
                     peer,
                     peer_chain,
+                    peer_not_after,
                     generation: own.generation,
                     own: own.id.clone(),
                     src,

@@ -103,12 +103,19 @@ impl Default for InjectConfig {
 }
 
 /// The sidecar's default arguments: transparent mode, admin on all addresses so the kubelet's
-/// probes reach it.
+/// probes reach it (an explicit opt-in: the proxy refuses a non-loopback admin address without
+/// `--admin-allow-remote`).
 pub fn default_proxy_args() -> Vec<String> {
-    ["proxy", "--transparent", "--admin-addr", "0.0.0.0:15000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "proxy",
+        "--transparent",
+        "--admin-addr",
+        "0.0.0.0:15000",
+        "--admin-allow-remote",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Why an object could not be injected.

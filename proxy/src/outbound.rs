@@ -211,7 +211,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
             expect: expect.clone(),
             generation: own.generation,
         };
-        let dial = || dial(ctx, upstream, name.clone(), config.clone());
+        let dial = || dial(ctx, upstream, name.clone(), config.clone(), expect);
         let up = Box::pin(pool.stream(&key, own.not_after, dial)).await;
         return match up {
             Ok(Upstream::Mux {
@@ -242,7 +242,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
             }
         };
     }
-    match dial(ctx, upstream, name, config).await {
+    match dial(ctx, upstream, name, config, expect).await {
         Ok(tls) => plain(ctx, access, app, tls, open.as_ref()).await,
         Err(r) => {
             access.refused(&ctx.metrics, r.outcome, &r.reason);
@@ -252,8 +252,40 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
 }
 
 /// TCP connect and mTLS handshake to `upstream` (the peer identity is checked by `config`'s
-/// verifier); a failed handshake is counted here.
+/// verifier); a failed handshake is counted here. A *resumed* handshake skipped the verifier, so
+/// the server chain it restored is verified again (bundles and clock of now, `expect`); if that
+/// fails, the tickets for `name` are dropped and the call dials once more with a full handshake.
 async fn dial<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
+    ctx: &ProxyContext,
+    upstream: A,
+    name: ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+    expect: &ExpectedPeer,
+) -> Result<Tls, Refusal> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let tls = handshake(ctx, upstream, name.clone(), config.clone()).await?;
+        let Err(e) = ctx.creds.recheck_outbound(tls.get_ref().1, expect) else {
+            return Ok(tls);
+        };
+        ctx.metrics
+            .handshake_failed("outbound", "resumed_peer_invalid");
+        ctx.creds.forget_sessions(expect, &name);
+        reset(tls.into_inner().0);
+        let reason = format!("resumed_peer_invalid: resumed session to {upstream}: {e}");
+        if attempt >= 2 {
+            return Err(Refusal {
+                outcome: "handshake_failed",
+                reason,
+            });
+        }
+        tracing::info!(upstream = %upstream, reason = %reason, "not using a resumed session; dialling again with a full handshake");
+    }
+}
+
+/// One TCP connect and mTLS handshake (see [`dial`]).
+async fn handshake<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
     ctx: &ProxyContext,
     upstream: A,
     name: ServerName<'static>,

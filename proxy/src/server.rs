@@ -209,13 +209,15 @@ impl Proxy {
             policy: policy.clone(),
             authz,
         };
-        let admin_addr = admin::spawn(config.admin_addr, Arc::new(state)).map_err(|source| {
-            StartError::Bind {
-                addr: config.admin_addr,
-                what: "admin".into(),
-                source,
-            }
-        })?;
+        let header_timeout = config.limits.header_timeout.0;
+        let admin_addr =
+            admin::spawn(config.admin_addr, header_timeout, Arc::new(state)).map_err(|source| {
+                StartError::Bind {
+                    addr: config.admin_addr,
+                    what: "admin".into(),
+                    source,
+                }
+            })?;
         tracing::info!("{policy}");
         Ok(Self {
             ctx,

@@ -70,6 +70,10 @@ pub struct AgentCmd {
     /// Close a connection that sent no request within this time [default: 10s].
     #[arg(long, value_name = "DURATION")]
     first_request_timeout: Option<String>,
+    /// Allow a non-loopback --health-addr (e.g. `0.0.0.0:8088` for Kubernetes probes; sets
+    /// `health_allow_remote: true`).
+    #[arg(long)]
+    health_allow_remote: bool,
     #[command(flatten)]
     federation: Box<super::agent_federation::FederationArgs>,
     #[command(flatten)]
@@ -97,6 +101,9 @@ impl AgentCmd {
             max_connections_per_uid,
             first_request_timeout
         );
+        if self.health_allow_remote {
+            f.health_allow_remote = Some(true);
+        }
         for e in &self.entries {
             let (id, sels) = e.split_once('=').with_context(|| {
                 format!("--entry {e:?}: expected SPIFFE_ID=SELECTOR[,SELECTOR...]")

@@ -37,7 +37,7 @@ pub struct InjectCmd {
     #[arg(long, value_enum, default_value_t = InitBackendArg::Iptables)]
     init_backend: InitBackendArg,
     /// Sidecar arguments, replacing the default (`proxy --transparent --admin-addr
-    /// 0.0.0.0:15000`); repeat for each argument.
+    /// 0.0.0.0:15000 --admin-allow-remote`); repeat for each argument.
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_args: Vec<String>,
     /// Serve a mutating admission webhook (HTTPS) instead of rewriting a file.

@@ -21,6 +21,7 @@ YAML (--config; every field optional; flags add to / override it; `--print-confi
 the effective result):
   agent_socket: /run/svidcar/agent.sock
   admin_addr: 127.0.0.1:15000
+  admin_allow_remote: false              # true: admin_addr may be non-loopback
   inbound:     [{listen: 0.0.0.0:8443, app_port: 8080, mode: strict|permissive, protocol: tcp|http}]
   outbound:    [{listen: 127.0.0.1:9000, upstream: host:port, expect: spiffe://td/path | td}]
   transparent: {enabled: false, inbound_addr: 0.0.0.0:15006, outbound_addr: 0.0.0.0:15001,
@@ -32,7 +33,8 @@ the effective result):
   pool:        {enabled: true, max_streams: 100, idle_timeout: 60s, resumption: true}
   policy:      /etc/svidcar/policy.yaml
 
-Admin: /ready (503 until an SVID is held and the policy loaded), /live, /metrics, /config.
+Admin: /ready (503 until an SVID is held and the policy loaded), /live, /metrics, /config;
+loopback only unless --admin-allow-remote; request headers within limits.header_timeout.
 Access log: tracing target `access`, one line per connection. SIGTERM: drain, then exit.";
 
 /// `svidcar proxy`: terminate mTLS for inbound traffic, originate it for outbound traffic,
@@ -49,6 +51,11 @@ pub struct ProxyCmd {
     /// Admin listener: /ready /live /metrics /config [default: 127.0.0.1:15000].
     #[arg(long, value_name = "ADDR")]
     admin_addr: Option<std::net::SocketAddr>,
+    /// Allow a non-loopback --admin-addr (e.g. `0.0.0.0:15000` for Kubernetes probes): the admin
+    /// endpoints show the configuration, policy and metrics to anyone who reaches them (sets
+    /// `admin_allow_remote: true`).
+    #[arg(long)]
+    admin_allow_remote: bool,
     /// Explicit inbound listener: mTLS on ADDR, forwarded to 127.0.0.1:APP_PORT.
     /// MODE is `strict` (default: mTLS only) or `permissive` (plaintext admitted as
     /// unauthenticated); PROTOCOL is `tcp` (default: one decision per connection) or `http`
@@ -97,6 +104,9 @@ impl ProxyCmd {
         }
         if let Some(a) = self.admin_addr {
             config.admin_addr = a;
+        }
+        if self.admin_allow_remote {
+            config.admin_allow_remote = true;
         }
         for i in &self.inbound {
             config.inbound.push(InboundListener::parse_flag(i)?);

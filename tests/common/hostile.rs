@@ -64,6 +64,16 @@ impl AgentCa {
 
     /// Signs a leaf built from `leaf` (SVID-shaped unless told otherwise); returns (chain, key).
     pub fn forge(&self, leaf: &Leaf) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        self.forge_with(leaf, |_| {})
+    }
+
+    /// [`Self::forge`] with `edit` applied to the parameters before signing (e.g. a validity
+    /// of seconds instead of years).
+    pub fn forge_with(
+        &self,
+        leaf: &Leaf,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
         if leaf.is_ca {
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -86,6 +96,7 @@ impl AgentCa {
             .collect();
         p.not_before = rcgen::date_time_ymd(leaf.years.0, 1, 1);
         p.not_after = rcgen::date_time_ymd(leaf.years.1, 1, 1);
+        edit(&mut p);
         let key = KeyPair::generate().expect("key");
         let cert = p.signed_by(&key, &self.issuer).expect("sign");
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
@@ -129,8 +140,9 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// A TLS 1.3 client config presenting `chain`/`key`, offering `alpn`, accepting any server.
-fn client_config(
+/// A TLS 1.3 client config presenting `chain`/`key`, offering `alpn`, accepting any server
+/// (with rustls' default in-memory resumption store: reuse it to resume).
+pub fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     alpn: &[u8],

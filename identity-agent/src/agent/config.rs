@@ -159,6 +159,8 @@ pub struct AgentFile {
     pub max_connections_per_uid: Option<usize>,
     /// How long a new connection may stay without a request (default 10s).
     pub first_request_timeout: Option<String>,
+    /// Allow a non-loopback `health_addr` (e.g. `0.0.0.0:8088` for Kubernetes probes).
+    pub health_allow_remote: Option<bool>,
     #[serde(default)]
     pub entries: Vec<EntryFile>,
     #[serde(default)]
@@ -272,9 +274,19 @@ impl AgentConfig {
             Some("off") | Some("") => None,
             other => {
                 let s = other.unwrap_or(DEFAULT_HEALTH_ADDR);
-                Some(s.parse().map_err(|e: std::net::AddrParseError| {
+                let addr: SocketAddr = s.parse().map_err(|e: std::net::AddrParseError| {
                     ConfigError::HealthAddr(s.to_string(), e.to_string())
-                })?)
+                })?;
+                if !addr.ip().is_loopback() && f.health_allow_remote != Some(true) {
+                    return Err(ConfigError::HealthAddr(
+                        s.to_string(),
+                        "not a loopback address: /metrics and /ready are served without \
+                         authentication; set health_allow_remote: true (or \
+                         --health-allow-remote) to serve them there anyway"
+                            .into(),
+                    ));
+                }
+                Some(addr)
             }
         };
         let mut entries = Vec::new();
@@ -416,5 +428,23 @@ mod tests {
         let cfg = AgentConfig::from_file(ok).unwrap();
         assert_eq!(cfg.entries.len(), 1);
         assert_eq!(cfg.socket_mode, 0o777);
+    }
+
+    #[test]
+    fn a_remote_health_address_needs_the_opt_in() {
+        let file = |yaml: &str| serde_yaml_ng::from_str::<AgentFile>(yaml).unwrap();
+        for remote in ["0.0.0.0:8088", "\"[::]:8088\"", "10.0.0.1:8088"] {
+            let e = AgentConfig::from_file(file(&format!("health_addr: {remote}\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("health_allow_remote"), "{e}");
+            let ok = format!("health_addr: {remote}\nhealth_allow_remote: true\n");
+            assert!(AgentConfig::from_file(file(&ok)).is_ok(), "{remote}");
+        }
+        let cfg = AgentConfig::from_file(file("health_addr: \"[::1]:9\"\n")).unwrap();
+        assert!(cfg.health_addr.is_some());
+        let cfg = AgentConfig::from_file(file("health_addr: \"off\"\n")).unwrap();
+        assert!(cfg.health_addr.is_none());
+        assert!(AgentConfig::from_file(AgentFile::default()).is_ok());
     }
 }

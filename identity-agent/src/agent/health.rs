@@ -1,6 +1,7 @@
 //! The agent's health and metrics listener (HTTP/1, default `127.0.0.1:8088`):
 //! `/live` (200 while the process runs), `/ready` (200 once the Workload API socket is
-//! listening, 503 before), `/metrics` (Prometheus text).
+//! listening, 503 before), `/metrics` (Prometheus text). Loopback only unless
+//! `health_allow_remote`; a request's headers must arrive within [`HEADER_TIMEOUT`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +18,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// A connection whose request headers do not arrive within this time (also between keep-alive
+/// requests) is closed: probes and scrapers send theirs at once.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The agent's metrics.
 pub struct Metrics {
@@ -269,6 +274,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::R
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -356,6 +356,13 @@ impl Pool {
         let left = not_after
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            return Err(Refusal {
+                outcome: "handshake_failed",
+                reason: "the peer's or our certificate has expired: not pooling the connection"
+                    .into(),
+            });
+        }
         let authority = tcp.peer_addr().map_err(|e| Refusal {
             outcome: "upstream_failed",
             reason: format!("no peer address: {e}"),

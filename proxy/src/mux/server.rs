@@ -11,10 +11,12 @@
 //! Kubernetes Service address the client dialled), which is logged once per connection.
 //! On shutdown the connection sends GOAWAY and lets its streams finish.
 //!
-//! A carrier outlives credential changes, so before it carries a new stream after our bundles
-//! changed, the peer's certificate chain is verified again against the bundles now in force: a
-//! peer whose trust domain left the bundles (or whose chain no longer verifies) gets `403` and
-//! the connection is closed with GOAWAY; otherwise the stream is served as usual.
+//! A carrier outlives credential changes and the peer's SVID, so every new stream first checks
+//! that the peer is still trusted: its leaf has not expired (same clock as the handshake's
+//! verification) and its trust domain still has a bundle; after our bundles changed, the whole
+//! chain is verified again against the bundles now in force. A peer that fails gets `403` and
+//! the connection is closed with GOAWAY; otherwise the stream is served as usual. At the peer's
+//! expiry the connection is also sent GOAWAY (open streams finish, as on a plain connection).
 //!
 //! The carrier connections themselves are bounded ([`CarrierLimits`]): at most
 //! `limits.max_connections` of them, the first stream must arrive within the handshake
@@ -94,6 +96,8 @@ pub struct MuxFacts {
     pub peer_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// [`crate::credentials::Installed::generation`] the peer was last verified under.
     pub generation: u64,
+    /// When the peer's leaf expires: no new stream from then on.
+    pub peer_not_after: std::time::SystemTime,
     /// Our ID.
     pub own: SpiffeId,
     /// The peer proxy's address.
@@ -144,8 +148,20 @@ pub async fn serve(
     let mut idle_at = Instant::now() + ctx.limits.handshake_timeout.0;
     // The destination the first stream named; all others must name it too.
     let mut pinned: Option<Option<String>> = None;
+    let peer_expiry = Instant::now()
+        + facts
+            .peer_not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
     loop {
         let next = tokio::select! {
+            _ = tokio::time::sleep_until(peer_expiry), if !draining => {
+                tracing::info!(src = %facts.src, peer_id = %facts.peer, streams,
+                    "mux: the peer's SVID expired; closing the connection (GOAWAY)");
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
             _ = shutdown.wait_for(|s| *s), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
@@ -209,12 +225,36 @@ pub async fn serve(
     tracing::debug!(src = %facts.src, peer_id = %facts.peer, streams, "mux connection closed");
 }
 
-/// Verifies the peer again if our credentials changed since it was last verified (a new SVID
-/// or new bundles); `verified` follows the generation it passed under.
+/// Before each new stream: the peer's leaf must still be valid and its trust domain still have
+/// a bundle; if our credentials changed since the peer was last verified (a new SVID or new
+/// bundles) its chain is verified again. `verified` follows the generation it passed under.
 fn still_trusted(ctx: &ProxyContext, facts: &MuxFacts, verified: &mut u64) -> Result<(), String> {
     let Some(own) = ctx.creds.current() else {
         return Err("no SVID in force".into());
     };
+    let now = std::time::SystemTime::now();
+    if now >= facts.peer_not_after {
+        let ago = now
+            .duration_since(facts.peer_not_after)
+            .unwrap_or_default()
+            .as_secs();
+        return Err(format!(
+            "the peer's SVID ({}) expired {ago}s ago",
+            facts.peer
+        ));
+    }
+    let td = facts.peer.trust_domain();
+    if own
+        .bundles
+        .get(&td)
+        .is_none_or(|b| b.x509_authorities.is_empty())
+    {
+        return Err(format!(
+            "the peer {} no longer verifies under the current bundles: no bundle for its trust domain {}",
+            facts.peer,
+            td.name()
+        ));
+    }
     if own.generation == *verified {
         return Ok(());
     }
