@@ -136,7 +136,7 @@ pub trait Authorizer: Send + Sync + 'static {
     /// normalization (evaluate and forward as received); `Err(reason)`: a path the policy
     /// refuses, with its stable reason (`normalize:escaped-slash`, `normalize:bad-escape`,
     /// `normalize:not-absolute`; never the raw path, it becomes a metric label).
-    fn normalize_path(&self, raw: &str) -> Result<Option<String>, String> {
+    fn normalize_path(&self, raw: &str) -> Result<Option<String>, &'static str> {
         let _ = raw;
         Ok(None)
     }

@@ -212,7 +212,7 @@ impl Authorizer for PolicyAuthorizer {
         Some(&self.registry)
     }
 
-    fn normalize_path(&self, raw: &str) -> Result<Option<String>, String> {
+    fn normalize_path(&self, raw: &str) -> Result<Option<String>, &'static str> {
         let Some(active) = self.active.load_full() else {
             return Ok(None); // not loaded: every request is denied anyway
         };
@@ -220,7 +220,7 @@ impl Authorizer for PolicyAuthorizer {
         settings
             .normalize_path(raw)
             .map(Some)
-            .map_err(|e| e.reason().to_string())
+            .map_err(|e| e.reason())
     }
 
     fn policy_json(&self) -> serde_json::Value {

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod l7;
 pub mod netns;
 pub mod proxy;
 
