@@ -9,6 +9,8 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::proxy::{Mesh, Sidecar};
+
 /// What a recording app received, one entry per request.
 pub type Seen = Arc<Mutex<Vec<String>>>;
 
@@ -291,4 +293,97 @@ pub fn raw_h2(port: u16, fields: &[(&str, &str)]) -> H2Outcome {
         }
     }
     H2Outcome::Closed
+}
+
+// ---------------------------------------------------------------- a mesh under one policy
+
+/// The policy of the L7 attack tests: `/public/*` allowed from anyone, `/admin*` and host
+/// `admin.internal` denied, two paths allowed only on a given `x-forwarded-client-cert`.
+pub const POLICY: &str = r#"apiVersion: svidcar.io/v1alpha1
+kind: PolicySet
+defaults: {inbound: deny}
+policies:
+- name: public
+  direction: inbound
+  action: allow
+  rules: [{to: [{paths: ["/public/*"]}]}]
+- name: xfcc
+  direction: inbound
+  action: allow
+  rules:
+  - to: [{paths: ["/xfcc-admin"]}]
+    when: [{key: "request.headers[x-forwarded-client-cert]", values: ["By=spiffe://svidcar.local/backend;URI=spiffe://svidcar.local/admin"]}]
+  - to: [{paths: ["/xfcc-frontend"]}]
+    when: [{key: "request.headers[x-forwarded-client-cert]", values: ["By=spiffe://svidcar.local/backend;URI=spiffe://svidcar.local/frontend"]}]
+- name: no-admin
+  direction: inbound
+  action: deny
+  rules:
+  - to: [{paths: ["/admin*"]}]
+  - to: [{hosts: ["admin.internal"]}]
+"#;
+
+/// The XFCC the backend sidecar sets for the frontend.
+pub const OWN_XFCC: &str =
+    "x-forwarded-client-cert: By=spiffe://svidcar.local/backend;URI=spiffe://svidcar.local/frontend";
+
+/// A backend sidecar with an `http` inbound listener (`mode` e.g. `strict:http`) to
+/// `app_port`, under `yaml` written to its own file `file` (so two backends of one mesh do
+/// not share, and hot-reload, one policy file). Returns it and its port.
+pub fn backend(mesh: &Mesh, file: &str, yaml: &str, app_port: u16, mode: &str) -> (Sidecar, u16) {
+    let path = mesh.dir.path().join(file);
+    std::fs::write(&path, yaml).unwrap();
+    let port = super::free_port();
+    let sc = mesh.sidecar(
+        "backend",
+        &mesh.backend_bin.clone(),
+        &[
+            "--inbound".into(),
+            format!("127.0.0.1:{port}={app_port}:{mode}"),
+            "--policy".into(),
+            path.display().to_string(),
+        ],
+    );
+    (sc, port)
+}
+
+/// `GET target` with `Host: public.example` and `extra` header lines.
+pub fn get(port: u16, target: &str, extra: &str) -> (u16, String) {
+    raw_http(
+        port,
+        &format!(
+            "GET {target} HTTP/1.1\r\nHost: public.example\r\n{extra}Connection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// The header lines named `name` in a recorded HTTP/1.1 head or HTTP/2 request.
+pub fn header_lines<'a>(seen: &'a str, name: &str) -> Vec<&'a str> {
+    seen.lines()
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(k, _)| k.eq_ignore_ascii_case(name))
+        })
+        .collect()
+}
+
+/// A request header block: `:method GET`, `:scheme http`, `:authority` (unless empty),
+/// `:path`, then `extra`.
+pub fn h2req(authority: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut all = vec![(":method".to_string(), "GET".to_string())];
+    all.push((":scheme".into(), "http".into()));
+    if !authority.is_empty() {
+        all.push((":authority".into(), authority.into()));
+    }
+    all.push((":path".into(), path.into()));
+    all.extend(extra.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+    all
+}
+
+pub fn h2_send(port: u16, fields: &[(String, String)]) -> H2Outcome {
+    let f: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    raw_h2(port, &f)
 }
