@@ -199,6 +199,8 @@ fn generate() {
         "Example.COM:8443",
         "[::1]:80",
         "api.svc.cluster.local.",
+        "/public/%2e%2e/admin",
+        "/%61dm%69n/%252e;x=1/%zz%00",
     ]
     .iter()
     .enumerate()

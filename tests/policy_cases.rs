@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use svidcar_agent::{SpiffeId, TrustDomain};
 use svidcar_proxy::policy::{
-    normalize_name, normalize_path, Direction, PathNormalization, PolicySet, Protocol, Request,
+    normalize_name, normalize_path, normalize_path_with, Decision, Direction, EscapedSlashes,
+    Explanation, PathNormalization, PolicySet, Protocol, Request,
 };
 
 const DEFAULT_LOCAL: &str = "spiffe://td/ns/shop/sa/api";
@@ -106,11 +107,20 @@ fn run_case(set: &PolicySet, local: &SpiffeId, c: &Case) -> Result<(), String> {
     };
     let peer = c.peer.as_deref().map(|p| SpiffeId::parse(p).unwrap());
     let dest_id = c.dest_id.as_deref().map(|p| SpiffeId::parse(p).unwrap());
-    let path = c
+    // A path normalization refuses is `DENY normalize:<reason>` with no rule evaluated, as
+    // `policy check` reports it and the proxy answers it (`400`).
+    let path = match c
         .path
         .as_deref()
-        .map(|p| normalize_path(policy.settings().path_normalization, p).map_err(|e| e.to_string()))
-        .transpose()?;
+        .map(|p| policy.settings().normalize_path(p))
+    {
+        Some(Err(e)) => {
+            let d = Explanation::refused(&e).decision;
+            return check_decision(c, &d);
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
     let (connect, connect_port) = match c.connect.as_deref() {
         Some(a) => {
             let (h, p) = a.rsplit_once(':').unwrap();
@@ -137,6 +147,16 @@ fn run_case(set: &PolicySet, local: &SpiffeId, c: &Case) -> Result<(), String> {
     req.path = path.as_deref();
     req.headers = &headers;
     let d = policy.decide(&req);
+    check_decision(c, &d)?;
+    // `explain` must agree with `decide`.
+    let ex = policy.explain(&req);
+    if ex.decision != d {
+        return Err("explain() disagrees with decide()".into());
+    }
+    Ok(())
+}
+
+fn check_decision(c: &Case, d: &Decision) -> Result<(), String> {
     let got = format!("{} {}", d.label(), d.reason);
     let want = format!("{} {}", c.want, c.rule);
     if got != want {
@@ -152,11 +172,6 @@ fn run_case(set: &PolicySet, local: &SpiffeId, c: &Case) -> Result<(), String> {
     let got_audit: Vec<String> = d.audit.iter().map(|a| a.to_string()).collect();
     if got_audit != c.audit {
         return Err(format!("audit: got {got_audit:?}, want {:?}", c.audit));
-    }
-    // `explain` must agree with `decide`.
-    let ex = policy.explain(&req);
-    if ex.decision != d {
-        return Err("explain() disagrees with decide()".into());
     }
     Ok(())
 }
@@ -327,13 +342,44 @@ fn path_normalization_table() {
         (Base, "/a/.", "/a/"),
         (MergeSlashes, "//a///b", "/a/b"),
         (MergeSlashes, "/a//../b", "/b"),
-        (MergeSlashes, "/a%2F..%2Fb", "/a%2F..%2Fb"),
         (MergeSlashes, "/", "/"),
         (DecodeAndMergeSlashes, "/a%2F..%2Fb", "/b"),
         (DecodeAndMergeSlashes, "/a%2f%2fb", "/a/b"),
         (DecodeAndMergeSlashes, "/a%5C..%5cb", "/b"),
-        (DecodeAndMergeSlashes, "/a%41", "/a%41"),
+        // `%41` is `A` (unreserved): decoded in every mode but `none`.
+        (DecodeAndMergeSlashes, "/a%41", "/aA"),
         (DecodeAndMergeSlashes, "/ü%2F", "/ü/"),
+        // Step (1) of `base`: escaped unreserved characters decoded before dot segments.
+        (Base, "/public/%2e%2e/admin", "/admin"),
+        (Base, "/public/%2E%2E/admin", "/admin"),
+        (Base, "/public/.%2e/admin", "/admin"),
+        (Base, "/public/%2e./admin", "/admin"),
+        (Base, "/public/%2e/admin", "/public/admin"),
+        (MergeSlashes, "/%61dmin", "/admin"),
+        (MergeSlashes, "/adm%69n", "/admin"),
+        (
+            MergeSlashes,
+            "/%41%5a%61%7a%30%39%2d%2e%5f%7e",
+            "/AZaz09-._~",
+        ),
+        // Decoded once: `%25` (`%`) is not unreserved, so `%252e` is never `.`.
+        (
+            MergeSlashes,
+            "/public/%252e%252e/admin",
+            "/public/%252e%252e/admin",
+        ),
+        (
+            MergeSlashes,
+            "/public/%25%32%65/admin",
+            "/public/%252e/admin",
+        ),
+        // Escapes that stay get upper-case hex (mixed case in, one form out).
+        (MergeSlashes, "/a%3fb%3Fc%c3%BC", "/a%3Fb%3Fc%C3%BC"),
+        // `;` parameters are ordinary segment characters, not stripped.
+        (MergeSlashes, "/public;x=1/../admin", "/admin"),
+        (MergeSlashes, "/admin;jsessionid=1", "/admin;jsessionid=1"),
+        (MergeSlashes, "/a%3b/../b", "/b"),
+        (None, "/a/%2e%2e/b", "/a/%2e%2e/b"),
     ];
     for (mode, raw, want) in table {
         assert_eq!(
@@ -342,8 +388,53 @@ fn path_normalization_table() {
             "{mode:?} {raw}"
         );
     }
-    assert!(normalize_path(MergeSlashes, "example.com/x").is_err());
-    assert!(normalize_path(MergeSlashes, "*").is_err());
+    // `escapedSlashes: keep`: the escape stays (upper-cased) and is matched literally.
+    let keep: &[(PathNormalization, &str, &str)] = &[
+        (MergeSlashes, "/a%2F..%2Fb", "/a%2F..%2Fb"),
+        (MergeSlashes, "/a%2f..%2fb", "/a%2F..%2Fb"),
+        (Base, "/a%5c%5Cb", "/a%5C%5Cb"),
+        (DecodeAndMergeSlashes, "/a%2f..%2fb", "/b"),
+    ];
+    for (mode, raw, want) in keep {
+        assert_eq!(
+            normalize_path_with(*mode, EscapedSlashes::Keep, raw).as_deref(),
+            Ok(*want),
+            "keep {mode:?} {raw}"
+        );
+    }
+    // Refusals and their reasons (default `escapedSlashes: reject`).
+    let refused: &[(PathNormalization, &str, &str)] = &[
+        (MergeSlashes, "example.com/x", "normalize:not-absolute"),
+        (MergeSlashes, "*", "normalize:not-absolute"),
+        (MergeSlashes, "", "normalize:not-absolute"),
+        (MergeSlashes, "/a%2F..%2Fb", "normalize:escaped-slash"),
+        (MergeSlashes, "/a%2fb", "normalize:escaped-slash"),
+        (Base, "/a%5Cb", "normalize:escaped-slash"),
+        (Base, "/a%5c", "normalize:escaped-slash"),
+        (MergeSlashes, "/a%zz", "normalize:bad-escape"),
+        (MergeSlashes, "/a%4", "normalize:bad-escape"),
+        (MergeSlashes, "/a%", "normalize:bad-escape"),
+        (MergeSlashes, "/a%%32%65", "normalize:bad-escape"),
+        (MergeSlashes, "/a%00", "normalize:bad-escape"),
+        (
+            MergeSlashes,
+            "/a%0d%0aX-Injected:%201",
+            "normalize:bad-escape",
+        ),
+        (MergeSlashes, "/a%1F", "normalize:bad-escape"),
+        (MergeSlashes, "/a%7f", "normalize:bad-escape"),
+        (DecodeAndMergeSlashes, "/a%00%2F", "normalize:bad-escape"),
+        (Base, "/a\u{0}b", "normalize:bad-escape"),
+    ];
+    for (mode, raw, want) in refused {
+        let got = normalize_path(*mode, raw).map_err(|e| e.reason());
+        assert_eq!(got, Err(*want), "{mode:?} {raw:?}");
+    }
+    // `none` refuses only what is not a path.
+    assert_eq!(
+        normalize_path(None, "/a%00%2F%zz").as_deref(),
+        Ok("/a%00%2F%zz")
+    );
 }
 
 #[test]

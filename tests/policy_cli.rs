@@ -258,3 +258,105 @@ fn lint_exit_codes() {
     assert_eq!(v[0]["code"], "L001");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A path the proxy refuses is reported as the proxy answers it: `DENY by normalize:<reason>`
+/// (exit 0, no rule evaluated); escaped unreserved characters are decoded before matching.
+#[test]
+fn check_reports_normalize_refusals_like_the_proxy() {
+    let keep = SET.replace(
+        "defaults: {inbound: deny, egress: deny}",
+        "defaults: {inbound: deny, egress: deny}\nsettings: {escapedSlashes: keep}",
+    );
+    let dir = dir_with("normalize", &[("p.yaml", SET)]);
+    let keep_dir = dir_with("normalize-keep", &[("p.yaml", &keep)]);
+    let check = |d: &PathBuf, path: &str, json: bool| {
+        let mut args = vec![
+            "policy",
+            "check",
+            "-f",
+            d.to_str().unwrap(),
+            "--local-id",
+            "spiffe://td/ns/shop/sa/catalog",
+            "--direction",
+            "inbound",
+            "--peer",
+            "spiffe://td/ns/shop/sa/frontend",
+            "--port",
+            "8080",
+            "--method",
+            "GET",
+            "--path",
+            path,
+        ];
+        if json {
+            args.extend(["--output", "json"]);
+        }
+        let o = svidcar(&args);
+        assert_eq!(o.status.code(), Some(0), "{path}: {o:?}");
+        stdout(&o)
+    };
+    for (path, want) in [
+        ("/catalog/%2e%2e/admin", "DENY by no-admin/rules[0]"),
+        ("/catalog/.%2E/%61dmin", "DENY by no-admin/rules[0]"),
+        ("/catalog/%2561", "ALLOW by catalog-read/rules[0]"),
+        ("/catalog/..%2Fadmin", "DENY by normalize:escaped-slash"),
+        ("/catalog/%5c", "DENY by normalize:escaped-slash"),
+        ("/catalog/%zz", "DENY by normalize:bad-escape"),
+        ("/catalog/%00", "DENY by normalize:bad-escape"),
+        ("catalog/x", "DENY by normalize:not-absolute"),
+    ] {
+        let out = check(&dir, path, false);
+        assert_eq!(out.lines().next(), Some(want), "{path}: {out}");
+        if want.contains("normalize:") {
+            assert!(out.contains("none evaluated"), "{path}: {out}");
+        }
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&check(&dir, "/catalog/%2fx", true)).expect("json");
+    assert_eq!(v["decision"], "DENY");
+    assert_eq!(v["rule"], "normalize:escaped-slash");
+    assert_eq!(v["rules"], serde_json::json!([]));
+    // `escapedSlashes: keep`: matched literally.
+    let out = check(&keep_dir, "/catalog/a%2fb", false);
+    assert!(out.starts_with("ALLOW by catalog-read/rules[0]"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&keep_dir);
+}
+
+#[test]
+fn lint_reports_l009_to_l011() {
+    let set = r#"apiVersion: svidcar.io/v1alpha1
+kind: PolicySet
+policies:
+- name: open
+  direction: inbound
+  action: allow
+  rules: [{to: [{ports: [8080]}]}]
+- name: never
+  direction: inbound
+  action: deny
+  rules: [{from: [], to: [{ports: [8080]}]}]
+- name: everyone
+  direction: inbound
+  action: deny
+  rules: [{from: [{spiffeIds: ["*"]}]}]
+"#;
+    let dir = dir_with("lint-l9", &[("p.yaml", set)]);
+    let o = svidcar(&["policy", "lint", "-f", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let codes: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| l.split(':').next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "L009 open/rules[0]",
+            "L010 never/rules[0]",
+            "L011 everyone/rules[0]"
+        ],
+        "{}",
+        stdout(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

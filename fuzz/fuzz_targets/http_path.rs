@@ -2,12 +2,16 @@
 //! `normalize_path` in every `pathNormalization` mode and `normalize_name`.
 //! Invariants (a policy bypass if broken): normalization is idempotent (what is evaluated is
 //! what is forwarded, and the app normalizing again sees the same path), the result is an
-//! absolute path without dot segments (and without `//` in the merging modes), and a plausible
+//! absolute path without dot segments (and without `//` in the merging modes) whose escapes are
+//! all upper-case and neither unreserved characters nor slashes, only a path holding `%` or a
+//! control character is refused (malformed escape, escaped slash), and a plausible
 //! host name is normalized to its lowercase form without port or trailing dot.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use svidcar_proxy::policy::{normalize_name, normalize_path, query_part, PathNormalization};
+use svidcar_proxy::policy::{
+    normalize_name, normalize_path, query_part, PathError, PathNormalization,
+};
 
 const MODES: [PathNormalization; 4] = [
     PathNormalization::None,
@@ -22,10 +26,21 @@ fuzz_target!(|data: &[u8]| {
     };
     let q = query_part(raw);
     assert!(raw.ends_with(q));
+    let path = &raw[..raw.len() - q.len()];
+    let odd = path.contains('%') || path.bytes().any(|b| b < 0x20 || b == 0x7f);
     for mode in MODES {
-        let Ok(p) = normalize_path(mode, raw) else {
-            assert!(!raw.starts_with('/'), "{mode:?} refused an absolute path");
-            continue;
+        let p = match normalize_path(mode, raw) {
+            Ok(p) => p,
+            Err(PathError::NotAbsolute(_)) => {
+                assert!(!raw.starts_with('/'), "{mode:?} refused an absolute path");
+                continue;
+            }
+            // Malformed escapes, control characters and escaped slashes: only with a `%` or a
+            // control character in the path, and never in `none` (as received).
+            Err(e) => {
+                assert!(mode != PathNormalization::None && odd, "{mode:?}: {e} on {raw:?}");
+                continue;
+            }
         };
         assert!(p.starts_with('/'), "{mode:?}: {p:?} is not absolute");
         assert!(!p.contains(['?', '#']), "{mode:?}: query left in {p:?}");
@@ -41,6 +56,22 @@ fuzz_target!(|data: &[u8]| {
         }
         if mode != PathNormalization::Base {
             assert!(!p.contains("//"), "{mode:?}: double slash left in {p:?}");
+        }
+        // Decoded once, to one form: every escape left is upper-case hex, not an unreserved
+        // character (those are decoded), not a slash (refused or decoded), not a control.
+        let b = p.as_bytes();
+        for (i, _) in p.match_indices('%') {
+            let hex = |c: u8| c.is_ascii_digit() || (b'A'..=b'F').contains(&c);
+            assert!(
+                b.len() > i + 2 && hex(b[i + 1]) && hex(b[i + 2]),
+                "{mode:?}: escape not in upper-case hex in {p:?}"
+            );
+            let v = u8::from_str_radix(&p[i + 1..i + 3], 16).unwrap_or(0);
+            assert!(
+                !(v.is_ascii_alphanumeric() || b"-._~/\\".contains(&v) || v < 0x20 || v == 0x7f),
+                "{mode:?}: escape %{:02X} left in {p:?}",
+                v
+            );
         }
         let again = normalize_path(mode, &p).expect("a normalized path is absolute");
         assert_eq!(again, p, "{mode:?} is not idempotent on {raw:?}");

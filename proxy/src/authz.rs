@@ -133,8 +133,10 @@ pub trait Authorizer: Send + Sync + 'static {
     /// The request path (query and fragment dropped) as the policy in force normalizes it.
     /// POLICY.md §3: the normalized path is what is evaluated **and** forwarded, so callers
     /// normalize once, decide on the result and forward the same string. `Ok(None)`: no
-    /// normalization (evaluate and forward as received); `Err(rule)`: a path the policy refuses.
-    fn normalize_path(&self, raw: &str) -> Result<Option<String>, String> {
+    /// normalization (evaluate and forward as received); `Err(reason)`: a path the policy
+    /// refuses, with its stable reason (`normalize:escaped-slash`, `normalize:bad-escape`,
+    /// `normalize:not-absolute`; never the raw path, it becomes a metric label).
+    fn normalize_path(&self, raw: &str) -> Result<Option<String>, &'static str> {
         let _ = raw;
         Ok(None)
     }

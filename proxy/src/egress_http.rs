@@ -191,7 +191,7 @@ impl Conn {
             }),
         };
         let verdict = match &normalized {
-            Err(rule) => Verdict::deny(rule.clone()),
+            Err(rule) => Verdict::deny(*rule),
             Ok(_) => self.ctx.authz.authorize_egress(&attrs),
         };
         self.ctx

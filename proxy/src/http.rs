@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,6 +20,7 @@ use svidcar_agent::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::authz::{Authorizer, ConnAttrs, Verdict};
+use crate::http_authority::{request_authority, set_xfcc};
 use crate::metrics::Metrics;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -28,9 +30,10 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct HttpAttrs<'a> {
     /// Method.
     pub method: &'a str,
-    /// Path and query as received.
+    /// Path as evaluated: normalized by [`Authorizer::normalize_path`] (query dropped), or as
+    /// received when the authorizer does not normalize.
     pub path: &'a str,
-    /// `:authority` / `Host`.
+    /// The request's one authority (`host[:port]`, canonical), as forwarded to the app.
     pub host: Option<&'a str>,
     /// True for gRPC (`content-type: application/grpc…`).
     pub grpc: bool,
@@ -59,11 +62,11 @@ impl crate::policy::HeaderSource for Headers<'_> {
     }
 }
 
-/// Pooled clients to the local app (one per listener).
+/// Pooled HTTP/1.1 clients to the local app (HTTP/2 requests go over one upstream connection
+/// per downstream connection, see `H2Upstream`).
 #[derive(Clone)]
 pub struct AppClients {
     h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
 }
 
 impl AppClients {
@@ -74,11 +77,8 @@ impl AppClients {
         conn.set_local_address(Some(crate::init::INBOUND_PASSTHROUGH_SOURCE_V4.into()));
         // Requests are written whole: never hold one back for Nagle.
         conn.set_nodelay(true);
-        let h1 = Client::builder(TokioExecutor::new()).build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(conn);
-        Self { h1, h2 }
+        let h1 = Client::builder(TokioExecutor::new()).build(conn);
+        Self { h1 }
     }
 }
 
@@ -141,38 +141,129 @@ fn bad_gateway(msg: String) -> Response<Body> {
     r
 }
 
+fn bad_request() -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(b"bad request\n"))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// A request answered `400` before authorization: logged and counted with `reason`.
+fn refused(
+    facts: &ConnFacts,
+    metrics: &Metrics,
+    reason: &'static str,
+    raw: &str,
+) -> Response<Body> {
+    metrics.http_refused("inbound", reason);
+    tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
+        peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), target = %raw.escape_debug(),
+        reason, outcome = "refused", status = 400, "request refused");
+    bad_request()
+}
+
+/// The HTTP/2 connection to the app for one downstream HTTP/2 connection. Requests keep the
+/// `:authority` they were evaluated on (a client pooled by app address would send
+/// `127.0.0.1:<port>` instead), and a downstream connection opens at most one at a time.
+struct H2Upstream {
+    port: u16,
+    send: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+impl H2Upstream {
+    fn new(port: u16) -> Self {
+        Self {
+            port,
+            send: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn request(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        let mut send = {
+            let mut slot = self.send.lock().await;
+            match slot.as_ref() {
+                Some(s) if !s.is_closed() => s.clone(),
+                _ => {
+                    let s = self.connect().await?;
+                    *slot = Some(s.clone());
+                    s
+                }
+            }
+        };
+        send.ready().await.map_err(|e| e.to_string())?;
+        send.send_request(req).await.map_err(|e| e.to_string())
+    }
+
+    async fn connect(&self) -> Result<http2::SendRequest<Incoming>, String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let tcp = crate::inbound::connect_from_passthrough(addr)
+            .await
+            .map_err(|e| format!("connect to the app: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok(send)
+    }
+}
+
 async fn one_request(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     facts: &ConnFacts,
     authz: &dyn Authorizer,
     metrics: &Metrics,
     clients: &AppClients,
+    h2_upstream: &H2Upstream,
 ) -> Response<Body> {
     let grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
-    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-    });
+    // Owned: the request's parts are rewritten below.
     let raw = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    // Normalized once: the same path is evaluated and forwarded (POLICY.md §3).
-    let normalized = authz.normalize_path(raw);
-    let path = match &normalized {
-        Ok(Some(p)) => p.as_str(),
-        _ => raw,
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    // One authority, evaluated and forwarded (POLICY.md §4 "Authority").
+    let authority = match request_authority(req.uri(), req.headers()) {
+        Ok(a) => a,
+        Err(reason) => return refused(facts, metrics, reason, &raw),
     };
+    // Only origin-form paths (absolute-form keeps its path): no CONNECT, no `OPTIONS *`.
+    if !raw.starts_with('/') {
+        return refused(facts, metrics, "normalize:not-absolute", &raw);
+    }
+    // Normalized once: the same path is evaluated and forwarded (POLICY.md §3).
+    let normalized = match authz.normalize_path(&raw) {
+        Ok(n) => n,
+        Err(reason) => {
+            metrics.decision("inbound", false, reason);
+            return refused(facts, metrics, reason, &raw);
+        }
+    };
+    let path = normalized.as_deref().unwrap_or(&raw);
+    // The app may trust this header: the sidecar's own, never the client's (also before
+    // authorization, so a `request.headers[x-forwarded-client-cert]` condition sees ours).
+    set_xfcc(req.headers_mut(), &facts.own, facts.peer.as_ref());
+    let host = authority.as_str();
     let attrs = HttpAttrs {
         method: req.method().as_str(),
         path,
-        host,
+        host: Some(host),
         grpc,
         headers: req.headers(),
     };
@@ -184,47 +275,49 @@ async fn one_request(
         app_port: facts.app_port,
         tls: facts.tls,
     };
-    let verdict: Verdict = match &normalized {
-        Err(rule) => Verdict::deny(rule.clone()),
-        Ok(_) => authz.authorize_request(&conn, &attrs),
-    };
+    let verdict: Verdict = authz.authorize_request(&conn, &attrs);
     metrics.decision("inbound", verdict.allow, &verdict.rule);
     let (method, path) = (attrs.method.to_string(), path.to_string());
     if !verdict.allow {
         tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
             peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method = %method, path = %path,
-            rule = %verdict.rule, outcome = "denied", status = if grpc { 200 } else { 403 }, "request denied");
+            host = %host, rule = %verdict.rule, outcome = "denied", status = if grpc { 200 } else { 403 }, "request denied");
         return denied(grpc);
     }
-    // Forward what was evaluated, with the query kept.
-    let uri = match &normalized {
-        Ok(Some(p)) => format!(
-            "http://127.0.0.1:{}{p}{}",
-            facts.app_port,
-            crate::policy::query_part(raw)
-        ),
-        _ => format!("http://127.0.0.1:{}{raw}", facts.app_port),
+    // Forward what was evaluated: the normalized path with the query kept, and the authority.
+    let target = match &normalized {
+        Some(p) => format!("{p}{}", crate::policy::query_part(&raw)),
+        None => raw.clone(),
     };
     let (mut parts, body) = req.into_parts();
+    let h2 = parts.version == http::Version::HTTP_2;
+    parts.headers.remove(http::header::HOST);
+    let uri = if h2 {
+        // `:authority` is the evaluated authority; no `host` header beside it.
+        format!("http://{host}{target}")
+    } else {
+        parts.version = http::Version::HTTP_11;
+        match http::HeaderValue::from_str(host) {
+            Ok(v) => parts.headers.insert(http::header::HOST, v),
+            Err(_) => return refused(facts, metrics, crate::http_authority::reason::INVALID, &raw),
+        };
+        format!("http://127.0.0.1:{}{target}", facts.app_port)
+    };
     parts.uri = match uri.parse() {
         Ok(u) => u,
         Err(e) => return bad_gateway(format!("bad request target: {e}")),
     };
-    let h2 = parts.version == http::Version::HTTP_2;
-    if !h2 {
-        parts.version = http::Version::HTTP_11;
-    }
     let req = Request::from_parts(parts, body);
     let resp = if h2 {
-        clients.h2.request(req).await
+        h2_upstream.request(req).await
     } else {
-        clients.h1.request(req).await
+        clients.h1.request(req).await.map_err(|e| e.to_string())
     };
     match resp {
         Ok(resp) => {
             tracing::info!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
                 peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method = %method, path = %path,
-                rule = %verdict.rule, outcome = "allowed", status = resp.status().as_u16(), "request");
+                host = %host, rule = %verdict.rule, outcome = "allowed", status = resp.status().as_u16(), "request");
             resp.map(|b| b.boxed())
         }
         Err(e) => {
@@ -249,16 +342,27 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let h2_upstream = Arc::new(H2Upstream::new(facts.app_port));
     let facts = Arc::new(facts);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (facts, authz, metrics, clients) = (
+        let (facts, authz, metrics, clients, h2_upstream) = (
             facts.clone(),
             authz.clone(),
             metrics.clone(),
             clients.clone(),
+            h2_upstream.clone(),
         );
         async move {
-            Ok::<_, Infallible>(one_request(req, &facts, authz.as_ref(), &metrics, &clients).await)
+            let resp = one_request(
+                req,
+                &facts,
+                authz.as_ref(),
+                &metrics,
+                &clients,
+                &h2_upstream,
+            )
+            .await;
+            Ok::<_, Infallible>(resp)
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

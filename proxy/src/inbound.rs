@@ -353,7 +353,7 @@ where
 /// Connects to the app from [`crate::init::INBOUND_PASSTHROUGH_SOURCE_V4`] (`127.0.0.6`): the
 /// rules of `svidcar init` never capture that source, so neither the proxy's forwarding nor
 /// the app's replies are redirected back into the proxy.
-async fn connect_from_passthrough(addr: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_from_passthrough(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(SocketAddr::from((
         crate::init::INBOUND_PASSTHROUGH_SOURCE_V4,

@@ -15,6 +15,7 @@ pub mod detect;
 pub mod egress_connect;
 pub mod egress_http;
 pub mod http;
+pub mod http_authority;
 pub mod inbound;
 pub mod ktls;
 pub mod linger;

@@ -51,6 +51,17 @@ pub struct DirLabels {
     pub direction: &'static str,
 }
 
+/// Labels of `svidcar_proxy_http_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `inbound`.
+    pub direction: &'static str,
+    /// `normalize:escaped-slash`, `normalize:bad-escape`, `normalize:not-absolute`,
+    /// `authority:host-mismatch`, `authority:duplicate-host`, `authority:missing`,
+    /// `authority:userinfo`, `authority:invalid`.
+    pub reason: &'static str,
+}
+
 /// Labels of `svidcar_proxy_pool_lookups_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -88,6 +99,8 @@ pub struct Metrics {
     pub mux_connections: Family<DirLabels, Counter>,
     /// Streams (application connections) opened on multiplexed connections.
     pub mux_streams: Family<DirLabels, Counter>,
+    /// HTTP requests answered `400` before authorization (path or authority refused).
+    pub http_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -157,11 +170,23 @@ impl Metrics {
             self.mux_connections.clone(),
         );
         r.register(
+            "http_refused",
+            "HTTP requests answered 400 before authorization, by reason",
+            self.http_refused.clone(),
+        );
+        r.register(
             "mux_streams",
             "Streams (application connections) opened on multiplexed connections",
             self.mux_streams.clone(),
         );
         root
+    }
+
+    /// Counts an HTTP request refused with `400` before authorization.
+    pub fn http_refused(&self, direction: &'static str, reason: &'static str) {
+        self.http_refused
+            .get_or_create(&RefusedLabels { direction, reason })
+            .inc();
     }
 
     /// Counts a multiplexed connection.

@@ -212,14 +212,15 @@ impl Authorizer for PolicyAuthorizer {
         Some(&self.registry)
     }
 
-    fn normalize_path(&self, raw: &str) -> Result<Option<String>, String> {
+    fn normalize_path(&self, raw: &str) -> Result<Option<String>, &'static str> {
         let Some(active) = self.active.load_full() else {
             return Ok(None); // not loaded: every request is denied anyway
         };
-        let mode = active.policy.load().settings().path_normalization;
-        policy::normalize_path(mode, raw)
+        let settings = active.policy.load().settings();
+        settings
+            .normalize_path(raw)
             .map(Some)
-            .map_err(|e| format!("policy:bad-path ({e})"))
+            .map_err(|e| e.reason())
     }
 
     fn policy_json(&self) -> serde_json::Value {

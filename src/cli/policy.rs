@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use svidcar_agent::SpiffeId;
 use svidcar_proxy::policy::{
-    normalize_name, normalize_path, Decision, Direction, PolicyLoadError, PolicySet, Protocol,
+    normalize_name, Decision, Direction, Explanation, PolicyLoadError, PolicySet, Protocol, Reason,
     Request,
 };
 
@@ -77,7 +77,8 @@ struct CheckArgs {
     /// HTTP method.
     #[arg(long)]
     method: Option<String>,
-    /// HTTP path (normalized with the set's pathNormalization before evaluation).
+    /// HTTP path (normalized with the set's pathNormalization and escapedSlashes before
+    /// evaluation; a path the proxy refuses is `DENY by normalize:<reason>`).
     #[arg(long)]
     path: Option<String>,
     /// HTTP Host.
@@ -170,8 +171,18 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         DirectionArg::Inbound => Direction::Inbound,
         DirectionArg::Egress => Direction::Egress,
     };
-    let path = match &a.path {
-        Some(p) => Some(normalize_path(policy.settings().path_normalization, p)?),
+    // A path the proxy refuses (answered `400`) is reported as `DENY by normalize:<reason>`.
+    let path = match a
+        .path
+        .as_deref()
+        .map(|p| policy.settings().normalize_path(p))
+    {
+        Some(Err(e)) => {
+            eprintln!("svidcar: {e}");
+            print_explanation(a.output, &Explanation::refused(&e))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Ok(p)) => Some(p),
         None => None,
     };
     let mut headers: Vec<(String, String)> = Vec::new();
@@ -207,8 +218,12 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     req.method = a.method.as_deref();
     req.path = path.as_deref();
     req.headers = &headers;
-    let ex = policy.explain(&req);
-    match a.output {
+    print_explanation(a.output, &policy.explain(&req))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_explanation(output: Output, ex: &Explanation) -> anyhow::Result<()> {
+    match output {
         Output::Json => {
             let v = serde_json::json!({
                 "decision": ex.decision.label(),
@@ -224,7 +239,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         }
         Output::Text => print_text(&ex.decision, &ex.rules),
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn print_text(d: &Decision, rules: &[svidcar_proxy::policy::RuleCheck]) {
@@ -239,7 +254,9 @@ fn print_text(d: &Decision, rules: &[svidcar_proxy::policy::RuleCheck]) {
     if !d.audit.is_empty() {
         println!("audit: {}", d.audit.join(", "));
     }
-    if rules.is_empty() {
+    if matches!(d.reason, Reason::Refused(_)) {
+        println!("rules: none evaluated (the proxy answers this request 400)");
+    } else if rules.is_empty() {
         println!("rules: none for this direction");
     }
     for r in rules {

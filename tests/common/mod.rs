@@ -7,6 +7,7 @@
 
 pub mod attacker;
 pub mod hostile;
+pub mod l7;
 pub mod netns;
 pub mod proxy;
 

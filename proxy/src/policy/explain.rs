@@ -4,7 +4,8 @@
 use super::compile::{dir_index, CompiledPolicy};
 use super::eval::{match_rule, Ctx, Miss};
 use super::model::{Action, Direction};
-use super::request::{Decision, Request};
+use super::normalize::PathError;
+use super::request::{Decision, Reason, Request};
 
 /// One rule's outcome for one evaluation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -46,6 +47,22 @@ fn describe(m: Miss, entries: usize) -> String {
         s if m.field.is_empty() => format!("{s}: no entry"),
         s if entries > 1 => format!("{s}: no entry matched (first: {s}[0].{})", what(m.field)),
         s => format!("{s}[0].{}", what(m.field)),
+    }
+}
+
+impl Explanation {
+    /// A request refused by path normalization, as the proxy answers it (`400`, no rule
+    /// evaluated): `DENY by normalize:<reason>`, no rule lines.
+    pub fn refused(e: &PathError) -> Self {
+        Self {
+            decision: Decision {
+                allow: false,
+                reason: Reason::Refused(e.reason()),
+                shadow: None,
+                audit: Vec::new(),
+            },
+            rules: Vec::new(),
+        }
     }
 }
 

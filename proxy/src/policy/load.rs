@@ -75,6 +75,8 @@ pub struct SourcedPolicy {
 pub struct EffectiveSettings {
     /// Path normalization mode.
     pub path_normalization: PathNormalization,
+    /// Escaped slashes in `base` / `merge-slashes` paths.
+    pub escaped_slashes: super::model::EscapedSlashes,
     /// Policy-change behavior for open non-HTTP connections.
     pub on_policy_change: OnPolicyChange,
 }
@@ -227,6 +229,10 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
                 doc.settings.path_normalization.map(|v| format!("{v:?}")),
             );
             agree_one(
+                "settings.escapedSlashes",
+                doc.settings.escaped_slashes.map(|v| format!("{v:?}")),
+            );
+            agree_one(
                 "settings.onPolicyChange",
                 doc.settings.on_policy_change.map(|v| format!("{v:?}")),
             );
@@ -234,6 +240,9 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
             out.defaults.egress = out.defaults.egress.or(doc.defaults.egress);
             if let Some(p) = doc.settings.path_normalization {
                 out.settings.path_normalization = p;
+            }
+            if let Some(p) = doc.settings.escaped_slashes {
+                out.settings.escaped_slashes = p;
             }
             if let Some(p) = doc.settings.on_policy_change {
                 out.settings.on_policy_change = p;

@@ -6,8 +6,9 @@
 //!    For hot reload use [`reload::spawn_watcher`] instead, which keeps the old set on error.
 //! 2. Compile for this proxy's own SPIFFE ID: [`PolicySet::compile`] → [`CompiledPolicy`]
 //!    (selectors applied; share as `Arc`).
-//! 3. Per connection / HTTP request: normalize the path with [`normalize_path`] (using
-//!    [`CompiledPolicy::settings`]) and names with [`normalize_name`], fill a [`Request`], call
+//! 3. Per connection / HTTP request: normalize the path with
+//!    [`EffectiveSettings::normalize_path`] (of [`CompiledPolicy::settings`]; a refused path is
+//!    answered `400` and counted as [`PathError::reason`]) and names with [`normalize_name`], fill a [`Request`], call
 //!    [`CompiledPolicy::decide`], then [`log_decision`]. Forward the normalized path.
 //! 4. On reload, re-evaluate open non-HTTP connections when
 //!    `settings().on_policy_change == OnPolicyChange::Reevaluate`.
@@ -60,8 +61,8 @@ pub use explain::{Explanation, RuleCheck};
 pub use lint::LintWarning;
 pub use load::{EffectiveSettings, LoadIssue, PolicyLoadError, SourcedPolicy};
 pub use log::log_decision;
-pub use model::{DefaultAction, Direction, OnPolicyChange, PathNormalization};
-pub use normalize::{normalize_path, query_part, PathError};
+pub use model::{DefaultAction, Direction, EscapedSlashes, OnPolicyChange, PathNormalization};
+pub use normalize::{normalize_path, normalize_path_with, query_part, PathError};
 pub use reload::{spawn_watcher, spawn_watcher_with, PolicyWatcher};
 pub use request::{
     normalize_name, Decision, HeaderSource, NoHeaders, Protocol, Reason, Request, RuleId, Verdict,

@@ -59,6 +59,8 @@ pub enum DefaultAction {
 pub struct Settings {
     /// Path normalization mode (default `merge-slashes`).
     pub path_normalization: Option<PathNormalization>,
+    /// `%2F %5C` left in a path by `base`/`merge-slashes` (default `reject`).
+    pub escaped_slashes: Option<EscapedSlashes>,
     /// What happens to open non-HTTP connections on a policy change (default `reevaluate`).
     pub on_policy_change: Option<OnPolicyChange>,
     /// Reserved, not supported in v1alpha1.
@@ -72,6 +74,7 @@ pub struct Settings {
 pub enum PathNormalization {
     /// As received (query and fragment still removed).
     None,
+    /// Decode escaped unreserved characters (refuse malformed escapes and control characters),
     /// `\` → `/`, then RFC 3986 dot-segment removal.
     Base,
     /// Also `//` → `/`.
@@ -79,6 +82,18 @@ pub enum PathNormalization {
     MergeSlashes,
     /// First decode `%2F %2f %5C %5c`, then everything above.
     DecodeAndMergeSlashes,
+}
+
+/// `settings.escapedSlashes`: what `base` and `merge-slashes` do with a path that still holds
+/// `%2F %2f %5C %5c` (`decode-and-merge-slashes` decodes them).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashes {
+    /// Refuse the request (`400`, `normalize:escaped-slash`; Envoy's `REJECT_REQUEST`).
+    #[default]
+    Reject,
+    /// Leave the escape as is and match it literally (Istio's default).
+    Keep,
 }
 
 /// `settings.onPolicyChange`.

@@ -375,8 +375,14 @@ pub enum PathPattern {
 }
 
 impl PathPattern {
-    /// Parses a path pattern.
+    /// Parses a path pattern. Escapes are put in the form normalization gives request paths
+    /// (escaped unreserved characters decoded, hex upper-cased), so `/a%2fb` matches the
+    /// request `/a%2Fb` under `escapedSlashes: keep` and `/%61dmin` means `/admin`.
     pub fn parse(raw: &str) -> Result<Self, String> {
+        let canonical = super::normalize::canonical_escapes(raw).map_err(|()| {
+            format!("path {raw:?} holds a malformed escape or a control character")
+        })?;
+        let raw: &str = &canonical;
         if !raw.contains('{') {
             let p = StrPattern::parse(raw, "path")?;
             if let StrPattern::Exact(s) | StrPattern::Prefix(s) = &p {

@@ -201,12 +201,16 @@ pub enum Reason {
         /// Not configured: deny if the set has an allow policy, else allow.
         implicit: bool,
     },
+    /// Refused before any rule was evaluated (a path normalization refuses:
+    /// `normalize:escaped-slash`, `normalize:bad-escape`, `normalize:not-absolute`).
+    Refused(&'static str),
 }
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Rule(id) => f.write_str(id),
+            Self::Refused(reason) => f.write_str(reason),
             Self::Default { allow, implicit } => write!(
                 f,
                 "default:{}{}",
