@@ -5,6 +5,7 @@
 //! (`tests/common/<topic>.rs`) with one `pub mod` line here.
 #![allow(dead_code)]
 
+pub mod egress;
 pub mod hostile;
 pub mod netns;
 pub mod proxy;
