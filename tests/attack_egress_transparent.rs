@@ -99,6 +99,9 @@ print(end)
 sys.stdout.write(got.decode('latin-1'))
 "#;
 
+/// What the client sends: (pause in ms before, bytes) in order.
+type Chunks = Vec<(u64, Vec<u8>)>;
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -194,11 +197,9 @@ fn transparent_egress_deny_host_rules_survive_evasion() {
     };
     let up = Recorder::tls();
     let ca = up.ca.clone().unwrap();
-    let bytes = |w: &[u8], pause: u64| -> Vec<(u64, Vec<u8>)> {
-        w.iter().map(|b| (pause, vec![*b])).collect()
-    };
+    let bytes = |w: &[u8], pause: u64| -> Chunks { w.iter().map(|b| (pause, vec![*b])).collect() };
     // (what, SNI, chunks)
-    let mut cases: Vec<(&str, &str, Vec<(u64, Vec<u8>)>)> = Vec::new();
+    let mut cases: Vec<(&str, &str, Chunks)> = Vec::new();
     for sni in ["allowed.test", "evil.test"] {
         let w = first_flight(&mut client(&ca, sni, 0));
         cases.push(("whole", sni, vec![(0, w.clone())]));

@@ -173,7 +173,7 @@ impl HelloReader {
                 if h.len() >= 4 + body {
                     return match parse_client_hello(&h[4..4 + body]) {
                         Ok(sni) => Progress::Done(sni),
-                        Err(()) => Progress::Bad(Unreadable::Malformed),
+                        Err(why) => Progress::Bad(why),
                     };
                 }
             }
@@ -223,10 +223,14 @@ impl<'a> Cursor<'a> {
 }
 
 /// The `server_name` host name of a complete ClientHello body (after the 4-byte handshake
-/// header): `Ok(None)` without the extension, `Err` when anything does not parse exactly
-/// (trailing bytes, duplicate extensions, a server name list that is not exactly one host name
-/// of DNS characters).
-pub fn parse_client_hello(body: &[u8]) -> Result<Option<String>, ()> {
+/// header): `Ok(None)` without the extension, [`Unreadable::Malformed`] when anything does not
+/// parse exactly (trailing bytes, duplicate extensions, a server name list that is not exactly
+/// one host name of DNS characters).
+pub fn parse_client_hello(body: &[u8]) -> Result<Option<String>, Unreadable> {
+    parse(body).map_err(|()| Unreadable::Malformed)
+}
+
+fn parse(body: &[u8]) -> Result<Option<String>, ()> {
     let mut c = Cursor(body);
     if c.u8()? != 3 {
         return Err(()); // legacy_version major

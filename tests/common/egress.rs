@@ -162,7 +162,7 @@ fn serve_tls(config: Arc<rustls::ServerConfig>, rec: Rec, seen: &Mutex<Seen>) {
     }
     let sni = tls.conn.server_name().unwrap_or("-").to_string();
     let got = String::from_utf8_lossy(&line).trim().to_string();
-    let _ = write!(tls, "sni={sni} got={got}\n");
+    let _ = writeln!(tls, "sni={sni} got={got}");
     let _ = tls.flush();
     let _ = tls.read(&mut b);
 }
