@@ -9,8 +9,12 @@
 //! cannot be told from a shorter file; the reload watcher's errors and `policy check` on the new
 //! file are the operator's guard there.
 
+use std::path::{Path, PathBuf};
+
 use serde::Deserialize;
 use serde_yaml_ng::Value;
+
+use super::load::LoadIssue;
 
 /// One problem found in a file's raw YAML.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,10 +35,29 @@ pub(super) struct Gap {
 pub(super) const NO_DOCUMENT: &str = "no PolicySet document: the file is empty or holds only comments (cut short while being written?); write `policies: []` for an explicitly empty set";
 
 /// The message for a directory without a policy file.
-pub(super) const NO_FILE: &str = "no policy file (*.yaml, *.yml) in the directory; write a file with `policies: []` for an explicitly empty set";
+const NO_FILE: &str = "no policy file (*.yaml, *.yml) in the directory; write a file with `policies: []` for an explicitly empty set";
 
 /// The message for a file on disk whose last line has no newline.
-pub(super) const NO_NEWLINE: &str = "the file does not end with a newline (cut short while being written?); end the last line with a newline";
+const NO_NEWLINE: &str = "the file does not end with a newline (cut short while being written?); end the last line with a newline";
+
+/// What is wrong with a source on disk before its texts are parsed: a directory without a
+/// policy file (`texts` empty), a file whose last line has no newline (cut inside a line).
+pub(super) fn disk_issues(path: &Path, texts: &[(PathBuf, String)]) -> Vec<LoadIssue> {
+    let issue = |file: &Path, line, message: &str| LoadIssue {
+        file: file.to_path_buf(),
+        line,
+        field: String::new(),
+        message: message.into(),
+    };
+    if texts.is_empty() {
+        return vec![issue(path, None, NO_FILE)];
+    }
+    texts
+        .iter()
+        .filter(|(_, t)| !t.is_empty() && !t.ends_with('\n'))
+        .map(|(f, t)| issue(f, Some(t.lines().count()), NO_NEWLINE))
+        .collect()
+}
 
 /// Checks every document of `text`: returns how many non-empty documents it holds (`None` when
 /// the YAML does not parse; the loader reports that) and the gaps found.

@@ -129,41 +129,21 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyLoadError> {
     Ok(files)
 }
 
-/// Loads and validates `path` (a file or a directory). A directory without a policy file and
-/// a file whose last line has no newline (cut short) are errors (POLICY.md §9), besides what
-/// [`load_texts`] rejects.
+/// Loads and validates `path` (a file or a directory); see [`complete::disk_issues`] for what
+/// is refused besides what [`load_texts`] rejects.
 pub fn load_path(path: &Path) -> Result<Loaded, PolicyLoadError> {
-    let files = policy_files(path)?;
-    if files.is_empty() {
-        return Err(PolicyLoadError {
-            issues: vec![LoadIssue {
-                file: path.to_path_buf(),
-                line: None,
-                field: String::new(),
-                message: complete::NO_FILE.into(),
-            }],
-        });
+    let mut texts = Vec::new();
+    for f in policy_files(path)? {
+        let text = std::fs::read_to_string(&f).map_err(|e| io_issue(&f, e))?;
+        texts.push((f, text));
     }
-    let mut texts = Vec::with_capacity(files.len());
-    let mut cut = Vec::new();
-    for f in &files {
-        let text = std::fs::read_to_string(f).map_err(|e| io_issue(f, e))?;
-        if !text.is_empty() && !text.ends_with('\n') {
-            cut.push(LoadIssue {
-                file: f.clone(),
-                line: Some(text.lines().count()),
-                field: String::new(),
-                message: complete::NO_NEWLINE.into(),
-            });
-        }
-        texts.push((f.clone(), text));
-    }
+    let mut issues = complete::disk_issues(path, &texts);
     match load_texts(&texts) {
-        Ok(loaded) if cut.is_empty() => Ok(loaded),
-        Ok(_) => Err(PolicyLoadError { issues: cut }),
+        Ok(loaded) if issues.is_empty() => Ok(loaded),
+        Ok(_) => Err(PolicyLoadError { issues }),
         Err(mut e) => {
-            cut.append(&mut e.issues);
-            Err(PolicyLoadError { issues: cut })
+            issues.append(&mut e.issues);
+            Err(PolicyLoadError { issues })
         }
     }
 }
