@@ -486,3 +486,36 @@ fn emptied_or_cut_short_policy_files_never_open_egress() {
         assert!(err.contains(reason), "{what}: {err}");
     }
 }
+
+/// Server-first protocols keep working: the server's banner is relayed while the client is
+/// silent, and the client's answer is spliced even when it starts like TLS (a MySQL packet of
+/// length 0x..16) or like HTTP (SMTP's `EHLO`).
+#[test]
+fn server_first_protocols_are_spliced_after_the_banner() {
+    if !resolves_to_loopback("localhost") {
+        return skip("localhost does not resolve to a loopback address here");
+    }
+    fn banner_then_echo(mut s: TcpStream) {
+        if s.write_all(b"220 ready\r\n").is_err() {
+            return;
+        }
+        let mut r = s.try_clone().unwrap();
+        let _ = std::io::copy(&mut r, &mut s);
+    }
+    let port = common::tcp_app(banner_then_echo);
+    let mesh = Mesh::start("attack-egress-server-first", &[]);
+    let (_fe, proxy) = egress_proxy(&mesh);
+    for answer in [
+        &b"EHLO client.test\r\n"[..],
+        b"\x16\x01\x00\x01\x85\xa6\xff\x01",
+    ] {
+        let mut s = tunnel(proxy, port);
+        let mut banner = [0u8; 11];
+        s.read_exact(&mut banner).unwrap();
+        assert_eq!(&banner, b"220 ready\r\n");
+        s.write_all(answer).unwrap();
+        let mut echo = vec![0u8; answer.len()];
+        s.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, answer, "the client's answer was not spliced");
+    }
+}

@@ -325,14 +325,16 @@ pub fn sniff(first: &[u8], full: bool) -> Sniff {
     let Some(&b0) = first.first() else {
         return if full { Sniff::Other } else { Sniff::NeedMore };
     };
-    if b0 == HANDSHAKE {
-        return Sniff::Tls;
-    }
     if (0x14..=0x18).contains(&b0) {
-        // change_cipher_spec, alert, application_data, heartbeat: TLS, but not a ClientHello.
+        // A TLS record header. Servers want version major 3 (OpenSSL, rustls); Go accepts any
+        // version below 0x1000 in a first handshake or alert record (and skips a warning alert
+        // before the ClientHello), so those count as TLS too. Other record types first are TLS
+        // but never a ClientHello.
+        let lenient = b0 == HANDSHAKE || b0 == 0x15;
         return match first.get(1) {
             None => need(true),
             Some(3) => Sniff::Tls,
+            Some(v) if lenient && *v < 0x10 => Sniff::Tls,
             Some(_) => Sniff::Other,
         };
     }

@@ -14,9 +14,12 @@
 //! - **Anything else**: decided with no name (CIDR and port rules) and spliced.
 //! - **Nothing within [`FIRST_BYTES_WAIT`]** (a server-first protocol): decided with no name and
 //!   connected so that the server can speak; its bytes are relayed while svidcar keeps waiting for
-//!   the application's first bytes, however long that takes, and those are classified as above
-//!   before anything reaches the upstream (a late ClientHello is decided on its SNI, a late HTTP
-//!   request per request).
+//!   the application's first bytes, however long that takes. If the server stayed silent, those
+//!   are classified as above before anything reaches the upstream (a late ClientHello is decided
+//!   on its SNI, a late HTTP request per request). If the server spoke first (SMTP, MySQL…), the
+//!   application's bytes answer that protocol and are spliced: no TLS or HTTP server speaks
+//!   before the client, so a client cannot use this to hide a ClientHello or a request from a
+//!   TLS or HTTP server.
 
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -192,7 +195,13 @@ impl Egress<'_> {
             }
             dialed = Some(Dialed { up, verdict, open });
         }
-        let first = classify(&mut app, Instant::now() + hs_timeout).await;
+        let first = if relayed > 0 {
+            // The server spoke first (SMTP, MySQL, FTP…): what the app answers is that
+            // protocol, not a TLS or HTTP start (no TLS or HTTP server speaks first).
+            First::Other
+        } else {
+            classify(&mut app, Instant::now() + hs_timeout).await
+        };
         match first {
             First::Failed(e) => {
                 self.access.refused(&self.ctx.metrics, "io_error", &e);
