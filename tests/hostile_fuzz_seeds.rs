@@ -243,6 +243,31 @@ fn generate() {
         "corpus/tls_client_hello/seed-tls12-hello",
         &client_hello(false),
     );
+
+    // sni_peek: the same ClientHellos, whole and split over several TLS records (the egress
+    // reader reassembles them).
+    write("corpus/sni_peek/seed-mesh-hello", &client_hello(true));
+    write("corpus/sni_peek/seed-tls12-hello", &client_hello(false));
+    write(
+        "corpus/sni_peek/seed-split-records",
+        &split_records(&client_hello(true), &[1, 3, 40]),
+    );
+}
+
+/// The one-record ClientHello `record` re-cut into records of the given payload sizes (the last
+/// takes the rest).
+fn split_records(record: &[u8], sizes: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = &record[5..];
+    let mut sizes = sizes.iter();
+    while !rest.is_empty() {
+        let n = sizes.next().copied().unwrap_or(rest.len()).min(rest.len());
+        out.extend_from_slice(&[0x16, 3, 1]);
+        out.extend_from_slice(&u16::try_from(n).expect("record size").to_be_bytes());
+        out.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+    }
+    out
 }
 
 const PROXY_YAML: &str = "agent_socket: /run/svidcar/agent.sock
@@ -403,20 +428,24 @@ fn fuzz_fixtures_and_seeds_are_meaningful() {
     let hellos = [corpus("tls_client_hello"), corpus("sni_peek")].concat();
     for (name, data) in hellos {
         let mut acceptor = rustls::server::Acceptor::default();
-        acceptor.read_tls(&mut data.as_slice()).unwrap();
-        let accepted = acceptor
-            .accept()
-            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
-            .unwrap();
+        let mut input = data.as_slice();
+        let accepted = loop {
+            acceptor.read_tls(&mut input).unwrap();
+            match acceptor.accept() {
+                Ok(Some(a)) => break a,
+                Ok(None) => assert!(!input.is_empty(), "{name}: incomplete ClientHello"),
+                Err(e) => panic!("{name}: {e:?}"),
+            }
+        };
         assert_eq!(
             accepted.client_hello().server_name(),
             Some("backend.fuzz.test"),
             "{name}"
         );
         assert_eq!(
-            svidcar_proxy::detect::client_hello_sni(&data[5..]).as_deref(),
-            Some("backend.fuzz.test"),
-            "{name}: the proxy's SNI peek"
+            svidcar_proxy::client_hello::read_all(&data),
+            svidcar_proxy::client_hello::Progress::Done(Some("backend.fuzz.test".into())),
+            "{name}: the proxy's ClientHello reader"
         );
     }
 }

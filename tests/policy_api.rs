@@ -126,11 +126,21 @@ fn missing_path_is_a_load_error_naming_the_path() {
 }
 
 #[test]
-fn empty_directory_is_an_empty_set_with_implicit_allow() {
+fn empty_directory_is_an_error_and_only_an_explicit_empty_list_is_an_empty_set() {
     let dir = std::env::temp_dir().join(format!("svidcar-empty-policy-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("README.txt"), "not a policy").unwrap();
+    let err = PolicySet::load(&dir).unwrap_err();
+    assert!(err.to_string().contains("no policy file"), "{err}");
+    std::fs::write(dir.join("empty.yaml"), "# nothing yet\n").unwrap();
+    let err = PolicySet::load(&dir).unwrap_err();
+    assert!(err.to_string().contains("no PolicySet document"), "{err}");
+    std::fs::write(
+        dir.join("empty.yaml"),
+        "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies: []\n",
+    )
+    .unwrap();
     let set = PolicySet::load(&dir).unwrap();
     assert!(set.policies().is_empty());
     let p = set.compile(&SpiffeId::parse("spiffe://td/app").unwrap());

@@ -4,10 +4,11 @@
 //! Decision (POLICY.md §3/§5): the CONNECT authority host is decided first (`destination.port` =
 //! the CONNECT port, `destination.ip` = the first address svidcar resolves and dials); a refusal
 //! is a `403` to the CONNECT. When allowed, svidcar dials, answers `200 Connection Established`,
-//! and if the tunneled bytes start with a TLS ClientHello, decides again with both names
-//! (CONNECT authority and SNI, every name must allow): a refusal then resets the tunnel. If they
-//! are plaintext HTTP/1.x, every request in the tunnel is decided on the CONNECT name and its
-//! `Host` (plus method and path) by [`crate::egress_http`], `403` on denial.
+//! and the tunnel is handled by [`crate::egress_stream`]: a TLS ClientHello (whenever it comes)
+//! is read whole and decided again with both names (CONNECT authority and SNI, every name must
+//! allow), a refusal or an unreadable ClientHello resets the tunnel before the upstream gets a
+//! byte; plaintext HTTP/1.x is decided per request on the CONNECT name and its `Host` (plus
+//! method and path) by [`crate::egress_http`], `403` on denial.
 //! Other requests (absolute-form `GET http://host/…`) are served by [`crate::egress_http`]:
 //! each decided on its URI host, method and path, `403` on denial.
 
@@ -19,17 +20,10 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::authz::EgressAttrs;
-use crate::context::{reset, Access, ProxyContext};
-use crate::copy;
+use crate::context::{Access, ProxyContext};
 
 /// Largest accepted request head; larger heads get `431`.
 pub const MAX_HEAD: usize = 16 * 1024;
-
-/// How long to wait for the tunneled TLS ClientHello after `200` (server-first protocols send
-/// nothing and are decided on the CONNECT name alone).
-const SNI_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
-/// After that, how long to wait for a plaintext HTTP request line in the tunnel.
-const HTTP_SNIFF_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A proxy request head, peeked (not consumed).
 struct Head {
@@ -171,7 +165,7 @@ pub async fn handle(
         );
         return respond(&mut app, "502 Bad Gateway", "cannot resolve the host\n").await;
     };
-    let mut attrs = EgressAttrs {
+    let attrs = EgressAttrs {
         own: &own.id,
         src,
         dst_ip: Some(dst.ip()),
@@ -183,9 +177,7 @@ pub async fn handle(
         http: None,
     };
     let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
-    access.rule = Some(verdict.rule.clone());
-    if !verdict.allow {
-        ctx.metrics.decision("egress", false, &verdict.rule);
+    if !access.decided(&ctx.metrics, "egress", &verdict) {
         access.refused(
             &ctx.metrics,
             "denied",
@@ -197,7 +189,6 @@ pub async fn handle(
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            ctx.metrics.decision("egress", true, &verdict.rule);
             access.refused(
                 &ctx.metrics,
                 "upstream_failed",
@@ -206,7 +197,6 @@ pub async fn handle(
             return respond(&mut app, "502 Bad Gateway", "cannot connect\n").await;
         }
         Err(_) => {
-            ctx.metrics.decision("egress", true, &verdict.rule);
             access.refused(
                 &ctx.metrics,
                 "upstream_failed",
@@ -222,48 +212,18 @@ pub async fn handle(
         .await
         .is_err()
     {
-        ctx.metrics.decision("egress", true, &verdict.rule);
         return access.refused(&ctx.metrics, "io_error", "client left before the tunnel");
     }
-    let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
-    if sni.is_none() && crate::egress_http::peek_is_http(&app, HTTP_SNIFF_WAIT).await {
-        // Plaintext HTTP in the tunnel: every request decided on the CONNECT name and its Host.
-        ctx.metrics.decision("egress", true, &verdict.rule);
-        drop((open, up));
-        let connect = Some(host.to_string());
-        return crate::egress_http::serve(
-            ctx.clone(),
-            app,
-            src,
-            Some(dst),
-            own.id.clone(),
-            connect,
-        )
-        .await;
-    }
-    let (verdict, open) = match sni.as_deref() {
-        Some(name) => {
-            attrs.sni = Some(name);
-            ctx.authz.authorize_egress_open(&attrs)
-        }
-        None => (verdict, open),
+    let egress = crate::egress_stream::Egress {
+        ctx: &ctx,
+        access,
+        own: &own.id,
+        src,
+        dst,
+        connect: Some((host, head.target.as_str())),
     };
-    if !access.decided(&ctx.metrics, "egress", &verdict) {
-        let sni = sni.unwrap_or_default();
-        access.refused(
-            &ctx.metrics,
-            "denied",
-            &format!(
-                "CONNECT {} (SNI {sni}) denied by {}",
-                head.target, verdict.rule
-            ),
-        );
-        reset(app);
-        return reset(up);
-    }
-    let revoked = crate::conn_registry::revoked(open.as_ref());
-    let stats = copy::splice_bidirectional_until(app, up, ctx.limits.idle_timeout.0, revoked).await;
-    access.finished(&ctx.metrics, &stats);
+    let dialed = crate::egress_stream::Dialed { up, verdict, open };
+    egress.run(app, Some(dialed)).await;
 }
 
 #[cfg(test)]

@@ -1,7 +1,11 @@
-//! Plaintext HTTP/1.x egress in transparent mode: the application's connection to a non-mesh
-//! destination is served as an HTTP/1 server and every request (keep-alive included) is decided
-//! on its `Host` (lowercased, port and trailing dot removed), method and path (POLICY.md §3/§5),
-//! then forwarded over one upstream HTTP/1 connection to the original destination.
+//! Plaintext HTTP/1.x egress (transparent mode, inside a CONNECT tunnel, or absolute-form
+//! requests to the explicit proxy): the application's connection to a non-mesh destination is
+//! served as an HTTP/1 server and every request (keep-alive and pipelined ones included) is
+//! decided on its name (lowercased, port and trailing dot removed), method and path (POLICY.md
+//! §3/§5), then forwarded over one upstream HTTP/1 connection to the destination. The name is the
+//! authority of an absolute-form request-target, which must agree with `Host`, else the `Host`;
+//! the request is forwarded in origin form, so the upstream never sees a host that was not
+//! evaluated.
 //!
 //! A denial is `403` with body `RBAC: access denied` and the connection stays open. Request heads
 //! are bounded (hyper answers `431` over [`crate::egress_connect::MAX_HEAD`]). Protocol upgrades
@@ -26,23 +30,29 @@ use crate::context::ProxyContext;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Longest HTTP method token recognized when sniffing.
-const MAX_METHOD: usize = 16;
-
-/// True when `first` starts like an HTTP/1.x request line: a method token (`A-Z`) and a space.
-pub fn looks_like_http(first: &[u8]) -> bool {
-    let n = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    n > 0 && n <= MAX_METHOD && first.get(n) == Some(&b' ')
-}
-
-/// Peeks (without consuming) at the first bytes and says whether they are an HTTP/1.x request
-/// line; waits at most `wait`.
-pub async fn peek_is_http(stream: &TcpStream, wait: std::time::Duration) -> bool {
-    let mut buf = [0u8; MAX_METHOD + 1];
-    match tokio::time::timeout(wait, stream.peek(&mut buf)).await {
-        Ok(Ok(n)) => looks_like_http(&buf[..n]),
-        _ => false,
-    }
+/// Whether `h` is a `Host` value: `host[:port]` with a DNS-style name, an IPv4 address or a
+/// bracketed IPv6 address; no userinfo, no second name.
+fn valid_host(h: &str) -> bool {
+    let (host, port) = match h.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => ("v6", port),
+            _ => return false,
+        },
+        None => match h.split_once(':') {
+            Some((host, port)) => (host, &h[host.len()..][..1 + port.len()]),
+            None => (h, ""),
+        },
+    };
+    let port_ok = match port.strip_prefix(':') {
+        Some("") => true,
+        Some(p) => p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok(),
+        None => port.is_empty(),
+    };
+    let name_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    port_ok && name_ok
 }
 
 /// Per-connection state shared by the requests of one application connection.
@@ -115,48 +125,82 @@ impl Conn {
         Ok(())
     }
 
-    /// The destination and name of `req`; for the explicit proxy also rewrites the absolute-form
-    /// request to origin-form with `Host` = the URI authority (RFC 9112 §3.2.2).
+    /// The destination and name of `req`. The name is the authority of an absolute-form (or
+    /// authority-form) request-target when there is one, else the `Host`; a `Host` that names
+    /// another host than the request-target, two `Host` headers or a `Host` that is not a
+    /// `host[:port]` are refused (`400`), so the request never names a host that was not
+    /// evaluated. An absolute-form request is forwarded in origin form with `Host` set to its
+    /// authority (RFC 9112 §3.2.2).
     async fn target(
         &self,
         req: &mut Request<Incoming>,
     ) -> Result<Target, (StatusCode, &'static str)> {
-        if let Some(dst) = self.dst {
-            let host = req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(|a| a.as_str()))
-                .map(str::to_string);
-            return Ok(Target { dst, host });
-        }
         let bad = |m| Err((StatusCode::BAD_REQUEST, m));
-        let Some(auth) = req.uri().authority().cloned() else {
-            return bad("svidcar egress proxy: an absolute http:// URI (or CONNECT) is required\n");
-        };
-        if req.uri().scheme_str() != Some("http") {
-            return bad("svidcar egress proxy: only http:// URIs (use CONNECT for TLS)\n");
+        let mut hosts = req.headers().get_all(http::header::HOST).iter();
+        let host = hosts.next();
+        if hosts.next().is_some() {
+            return bad("two Host headers\n");
         }
-        let port = auth.port_u16().unwrap_or(80);
-        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-        let dst = crate::egress_connect::resolve(host, port).await;
-        let Some(dst) = dst else {
-            return Err((StatusCode::BAD_GATEWAY, "cannot resolve the host\n"));
+        let host = match host {
+            // An empty Host (RFC 9112 §3.2: no authority) names no host.
+            None => None,
+            Some(v) if v.is_empty() => None,
+            Some(v) => match v.to_str().ok().filter(|h| valid_host(h)) {
+                Some(h) => Some(h.to_string()),
+                None => return bad("bad Host header\n"),
+            },
         };
-        let origin = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .parse()
-            .map_err(|_| (StatusCode::BAD_REQUEST, "bad request target\n"))?;
-        *req.uri_mut() = origin;
-        let h = req.headers_mut();
-        if let Ok(v) = http::HeaderValue::from_str(auth.as_str()) {
-            h.insert(http::header::HOST, v);
+        let authority = req.uri().authority().cloned();
+        if let (Some(a), Some(h)) = (&authority, &host) {
+            if crate::policy::normalize_name(a.host()) != crate::policy::normalize_name(h) {
+                return bad("the Host header names another host than the request target\n");
+            }
         }
-        h.remove("proxy-connection");
-        h.remove(http::header::PROXY_AUTHORIZATION);
+        if authority.as_ref().is_some_and(|a| a.as_str().contains('@')) {
+            return bad("bad request target\n");
+        }
+        let dst = match self.dst {
+            // Transparent or inside a CONNECT tunnel: the destination is fixed.
+            Some(dst) => dst,
+            None => {
+                let Some(auth) = &authority else {
+                    return bad(
+                        "svidcar egress proxy: an absolute http:// URI (or CONNECT) is required\n",
+                    );
+                };
+                if req.uri().scheme_str() != Some("http") {
+                    return bad("svidcar egress proxy: only http:// URIs (use CONNECT for TLS)\n");
+                }
+                let port = auth.port_u16().unwrap_or(80);
+                let name = auth.host().trim_start_matches('[').trim_end_matches(']');
+                let dst = crate::egress_connect::resolve(name, port).await;
+                let Some(dst) = dst else {
+                    return Err((StatusCode::BAD_GATEWAY, "cannot resolve the host\n"));
+                };
+                req.headers_mut().remove("proxy-connection");
+                req.headers_mut().remove(http::header::PROXY_AUTHORIZATION);
+                dst
+            }
+        };
+        let Some(auth) = authority else {
+            return Ok(Target { dst, host });
+        };
+        if req.uri().scheme().is_some() {
+            let origin = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .parse()
+                .map_err(|_| (StatusCode::BAD_REQUEST, "bad request target\n"))?;
+            *req.uri_mut() = origin;
+            match http::HeaderValue::from_str(auth.as_str()) {
+                Ok(v) => {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+                Err(_) => return bad("bad request target\n"),
+            }
+        }
         Ok(Target {
             dst,
             host: Some(auth.host().to_string()),
@@ -298,12 +342,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sniffs_request_lines() {
-        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"OPTIONS * HTTP/1.1"));
-        assert!(!looks_like_http(b"\x16\x03\x01"));
-        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
-        assert!(!looks_like_http(b"get / HTTP/1.1"));
-        assert!(!looks_like_http(b""));
+    fn host_values() {
+        for ok in ["a.test", "A.Test.:8080", "[::1]:80", "192.0.2.1", "x"] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "u@a.test",
+            "a.test/x",
+            "a.test, b.test",
+            "a b",
+            "a.test:x",
+            "a.test?",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod client_hello;
 pub mod config;
 pub mod conn_registry;
 pub mod context;
@@ -14,6 +15,7 @@ pub mod credentials;
 pub mod detect;
 pub mod egress_connect;
 pub mod egress_http;
+pub mod egress_stream;
 pub mod http;
 pub mod http_authority;
 pub mod inbound;

@@ -23,12 +23,6 @@ use crate::config::DstMatch;
 use crate::context::{reset, Access, ProxyContext};
 use crate::mux::client::{PoolKey, Refusal, Tls, Upstream};
 
-/// How long passthrough egress waits for a TLS ClientHello to read its SNI (server-first
-/// protocols send nothing and are decided without a name).
-const SNI_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
-/// After the SNI wait, how long to wait for a plaintext HTTP request line (bytes already arrived
-/// unless the protocol is server-first).
-const HTTP_SNIFF_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 use crate::copy;
 
 /// Where an outbound listener sends its connections.
@@ -345,8 +339,9 @@ async fn plain(
     }
 }
 
-/// Non-mesh destination in transparent mode: egress decided on the TLS SNI (then spliced), or per
-/// request for plaintext HTTP/1.x ([`crate::egress_http`]).
+/// Non-mesh destination in transparent mode: decided on what the application sends first
+/// (TLS ClientHello read whole, plaintext HTTP per request, anything else without a name), see
+/// [`crate::egress_stream`].
 async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let mut access = Access::new("egress", src, dst.to_string());
     let Some(own) = ctx.creds.current() else {
@@ -354,53 +349,13 @@ async fn passthrough(ctx: &Arc<ProxyContext>, app: TcpStream, src: SocketAddr, d
         return reset(app);
     };
     access.own_id = Some(own.id.clone());
-    let sni = crate::detect::peek_sni(&app, SNI_WAIT).await;
-    if sni.is_none() && crate::egress_http::peek_is_http(&app, HTTP_SNIFF_WAIT).await {
-        return crate::egress_http::serve(ctx.clone(), app, src, Some(dst), own.id.clone(), None)
-            .await;
-    }
-    let attrs = EgressAttrs {
+    let egress = crate::egress_stream::Egress {
+        ctx,
+        access,
         own: &own.id,
         src,
-        dst_ip: Some(dst.ip()),
-        dst_port: dst.port(),
-        destination_id: None,
-        sni: sni.as_deref(),
-        mesh: false,
+        dst,
         connect: None,
-        http: None,
     };
-    let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
-    if !access.decided(&ctx.metrics, "egress", &verdict) {
-        let what = sni.map(|s| format!(" (SNI {s})")).unwrap_or_default();
-        access.refused(
-            &ctx.metrics,
-            "denied",
-            &format!("egress{what} denied by {}", verdict.rule),
-        );
-        return reset(app);
-    }
-    let up = match tokio::time::timeout(ctx.limits.connect_timeout.0, TcpStream::connect(dst)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            access.refused(
-                &ctx.metrics,
-                "upstream_failed",
-                &format!("cannot connect to {dst}: {e}"),
-            );
-            return reset(app);
-        }
-        Err(_) => {
-            access.refused(
-                &ctx.metrics,
-                "upstream_failed",
-                &format!("timeout connecting to {dst}"),
-            );
-            return reset(app);
-        }
-    };
-    let revoked = crate::conn_registry::revoked(open.as_ref());
-    let stats = copy::splice_bidirectional_until(app, up, ctx.limits.idle_timeout.0, revoked).await;
-    access.finished(&ctx.metrics, &stats);
+    egress.run(app, None).await;
 }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod attacker;
+pub mod egress;
 pub mod hostile;
 pub mod l7;
 pub mod netns;

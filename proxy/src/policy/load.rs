@@ -1,6 +1,8 @@
 //! Loading a policy set from one file or a directory (POLICY.md §1): files in lexicographic
 //! name order, documents in order; strict validation; every error names file, line and field.
-//! A set with any error is rejected whole.
+//! A set with any error is rejected whole, and so is a source that yields no `PolicySet` (an
+//! empty or comment-only file, a directory without a policy file, a file cut short: see
+//! [`super::complete`]); only an explicit `policies: []` is an empty set.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::complete;
 use super::model::{
     Action, Defaults, Direction, OnPolicyChange, PathNormalization, Policy, PolicyDoc, API_VERSION,
 };
@@ -128,17 +131,23 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyLoadError> {
     Ok(files)
 }
 
-/// Loads and validates `path` (a file or a directory).
+/// Loads and validates `path` (a file or a directory); see [`complete::disk_issues`] for what
+/// is refused besides what [`load_texts`] rejects.
 pub fn load_path(path: &Path) -> Result<Loaded, PolicyLoadError> {
-    let files = policy_files(path)?;
-    let mut texts = Vec::with_capacity(files.len());
-    for f in &files {
-        texts.push((
-            f.clone(),
-            std::fs::read_to_string(f).map_err(|e| io_issue(f, e))?,
-        ));
+    let mut texts = Vec::new();
+    for f in policy_files(path)? {
+        let text = std::fs::read_to_string(&f).map_err(|e| io_issue(&f, e))?;
+        texts.push((f, text));
     }
-    load_texts(&texts)
+    let mut issues = complete::disk_issues(path, &texts);
+    match load_texts(&texts) {
+        Ok(loaded) if issues.is_empty() => Ok(loaded),
+        Ok(_) => Err(PolicyLoadError { issues }),
+        Err(mut e) => {
+            issues.append(&mut e.issues);
+            Err(PolicyLoadError { issues })
+        }
+    }
 }
 
 /// Loads and validates in-memory files `(name, text)` given in canonical order.
@@ -157,6 +166,14 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
             field,
             message,
         };
+        let (documents, gaps) = complete::check_text(text);
+        if documents == Some(0) {
+            issues.push(issue(None, String::new(), complete::NO_DOCUMENT.into()));
+        }
+        for g in gaps {
+            let line = Locator::new(text, g.doc).key_line(g.policy, &g.key);
+            issues.push(issue(line, g.field, g.message));
+        }
         let mut last_error = String::new();
         for (doc_index, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             // serde_yaml_ng panics on some malformed input (e.g. an undefined alias in a flow

@@ -38,6 +38,7 @@
 
 mod cidr;
 mod compile;
+mod complete;
 mod eval;
 mod explain;
 mod fxhash;
