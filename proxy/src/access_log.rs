@@ -257,7 +257,11 @@ pub fn egress_protocol(e: &EgressAttrs<'_>) -> Protocol {
 
 /// A declared `Content-Length`.
 pub fn content_length(h: &http::HeaderMap) -> Option<u64> {
-    h.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// The record of one inbound HTTP request, as decided (headers: only those the policy names).
@@ -401,7 +405,9 @@ pub fn parse_line(line: &str) -> Result<Option<AccessRecord>, String> {
     if !v1 {
         return Ok(None);
     }
-    serde_json::from_value(v).map(Some).map_err(|e| e.to_string())
+    serde_json::from_value(v)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// RFC 3339 UTC with milliseconds (`2025-01-31T12:00:00.123Z`).
@@ -433,6 +439,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn proxy_yaml_section() {
+        let c = crate::ProxyConfig::from_yaml("access_log: {format: json, path: /tmp/a.jsonl}\n")
+            .unwrap();
+        let log = c.access_log.clone().unwrap();
+        assert_eq!(
+            log.path.as_deref(),
+            Some(std::path::Path::new("/tmp/a.jsonl"))
+        );
+        let text = serde_yaml_ng::to_string(&c).unwrap();
+        assert_eq!(crate::ProxyConfig::from_yaml(&text).unwrap(), c, "{text}");
+        assert_eq!(
+            crate::ProxyConfig::from_yaml("access_log: {}\n")
+                .unwrap()
+                .access_log
+                .unwrap()
+                .path,
+            None
+        );
+        assert!(crate::ProxyConfig::from_yaml("access_log: {format: text}\n").is_err());
+        assert!(crate::ProxyConfig::from_yaml("access_log: {file: x}\n").is_err());
+        assert_eq!(crate::ProxyConfig::default().access_log, None);
+    }
+
+    #[test]
     fn rfc3339_dates() {
         let at = |s| rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(s));
         assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
@@ -451,7 +481,10 @@ mod tests {
         r.outcome = "allowed".into();
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.contains("\"schema\":\"svidcar.access/v1\""), "{line}");
-        assert!(line.contains("\"peer_id\":null"), "every key is written: {line}");
+        assert!(
+            line.contains("\"peer_id\":null"),
+            "every key is written: {line}"
+        );
         let back = parse_line(&line).unwrap().unwrap();
         assert_eq!((back.path, back.decision), (r.path, Some(Logged::Allow)));
         assert_eq!(parse_line("2025 INFO something").unwrap(), None);

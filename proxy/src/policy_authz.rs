@@ -230,7 +230,10 @@ impl Authorizer for PolicyAuthorizer {
         let Some(active) = self.active.load_full() else {
             return Default::default();
         };
-        active.policy.load().recorded_headers(&crate::http::Headers(headers))
+        active
+            .policy
+            .load()
+            .recorded_headers(&crate::http::Headers(headers))
     }
 
     fn policy_json(&self) -> serde_json::Value {

@@ -57,7 +57,7 @@ impl Skip {
     /// A short phrase for reports.
     pub fn label(self) -> &'static str {
         match self {
-            Self::NoDecision => "no policy decision",
+            Self::NoDecision => "not decided (an http port's connection record, or refused first)",
             Self::RefusedBeforePolicy => "refused before policy (400, unreadable ClientHello)",
             Self::NoLocalId => "no local identity",
             Self::BadId => "unparsable SPIFFE ID",
@@ -207,10 +207,7 @@ policies:
         rec.headers.clear();
         assert!(!Recorded::parse(&rec).unwrap().decide(&policy).allow);
         rec.rule = Some("normalize:bad-escape".into());
-        assert_eq!(
-            Recorded::parse(&rec).err(),
-            Some(Skip::RefusedBeforePolicy)
-        );
+        assert_eq!(Recorded::parse(&rec).err(), Some(Skip::RefusedBeforePolicy));
         rec.decision = None;
         assert_eq!(Recorded::parse(&rec).err(), Some(Skip::NoDecision));
     }

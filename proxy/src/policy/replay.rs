@@ -222,7 +222,9 @@ policies:
         let all: Vec<_> = recs.iter().chain([&no_decision]).collect();
         let report = replay(
             &set,
-            all.iter().enumerate().map(|(i, r)| (format!("log:{}", i + 1), *r)),
+            all.iter()
+                .enumerate()
+                .map(|(i, r)| (format!("log:{}", i + 1), *r)),
             None,
             1,
         );
@@ -230,10 +232,17 @@ policies:
         assert_eq!(report.skipped[&Skip::NoDecision], 1);
         assert_eq!(report.newly_denied(), 3);
         let g = &report.changed[0];
-        assert_eq!((g.old, g.new, g.rule.as_str(), g.count), ("ALLOW", "DENY", "default:deny", 3));
+        assert_eq!(
+            (g.old, g.new, g.rule.as_str(), g.count),
+            ("ALLOW", "DENY", "default:deny", 3)
+        );
         assert_eq!(g.examples.len(), 1);
         assert_eq!(g.examples[0].source, "log:2");
-        assert!(g.examples[0].summary.contains("POST /b"), "{:?}", g.examples);
+        assert!(
+            g.examples[0].summary.contains("POST /b"),
+            "{:?}",
+            g.examples
+        );
         assert_eq!(report.unchanged[0].rule, "reads/rules[0]");
     }
 }

@@ -118,7 +118,12 @@ impl Local {
                     (Some(m), Some(p)) if r.protocol().is_http() => {
                         let key = (template_path(p), m.clone());
                         let by_port = self.http.entry(caller).or_default();
-                        by_port.entry(port).or_default().entry(key).or_default().add(kind);
+                        by_port
+                            .entry(port)
+                            .or_default()
+                            .entry(key)
+                            .or_default()
+                            .add(kind);
                     }
                     _ => {
                         let by_port = self.tcp.entry(caller).or_default();
@@ -133,8 +138,10 @@ impl Local {
                 }
                 let http = r.protocol().is_http();
                 let host = rec.host.as_ref().filter(|_| http);
-                let names: BTreeSet<&String> =
-                    [rec.connect.as_ref(), rec.sni.as_ref(), host].into_iter().flatten().collect();
+                let names: BTreeSet<&String> = [rec.connect.as_ref(), rec.sni.as_ref(), host]
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 let mut by_ip = false;
                 let mut any = false;
                 for n in names {
@@ -175,7 +182,13 @@ fn slug(id: &str) -> String {
     let path = if path.is_empty() { rest } else { path };
     let s: String = path
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let s = s.trim_matches('-');
     let s = if s.is_empty() { "id" } else { s };
@@ -308,7 +321,12 @@ fn egress(w: &mut Writer, local: &str, l: &Local, opts: &Options) {
     }
     for (port, c) in &l.ports {
         let to = ports(*port).trim_end_matches(", ").to_string();
-        rule(&mut w.out, *c, to, " (mesh destination known only by trust domain)");
+        rule(
+            &mut w.out,
+            *c,
+            to,
+            " (mesh destination known only by trust domain)",
+        );
     }
 }
 
@@ -336,7 +354,10 @@ pub fn suggest<'a>(
             *skipped.entry("denied when recorded").or_default() += 1;
             continue;
         }
-        locals.entry(r.local.as_str().to_string()).or_default().add(&r);
+        locals
+            .entry(r.local.as_str().to_string())
+            .or_default()
+            .add(&r);
         used.push(rec);
     }
     if used.is_empty() {
@@ -394,7 +415,9 @@ fn check(yaml: &str, used: &[&AccessRecord]) -> Result<(), String> {
     let lints = set.lint(&ids);
     if !lints.is_empty() {
         let l: Vec<String> = lints.iter().map(ToString::to_string).collect();
-        return Err(format!("internal error: the suggested set has lint warnings: {l:?}\n{yaml}"));
+        return Err(format!(
+            "internal error: the suggested set has lint warnings: {l:?}\n{yaml}"
+        ));
     }
     Ok(())
 }

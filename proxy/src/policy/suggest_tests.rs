@@ -83,9 +83,15 @@ fn allows_exactly_what_was_seen_per_caller() {
     // Not observed: another path, method, caller, port, or the denied request.
     assert!(allows(&p, &http(web, "GET", "/users/789")));
     assert!(!allows(&p, &http(web, "GET", "/admin")));
-    assert!(!allows(&p, &http(web, "POST", "/orders")), "per caller: {y}");
+    assert!(
+        !allows(&p, &http(web, "POST", "/orders")),
+        "per caller: {y}"
+    );
     assert!(!allows(&p, &http(web, "GET", "/users/1/x")));
-    assert!(!allows(&p, &http("spiffe://td/intruder", "GET", "/healthz")));
+    assert!(!allows(
+        &p,
+        &http("spiffe://td/intruder", "GET", "/healthz")
+    ));
     assert!(!allows(&p, &denied));
     let mut other_port = http(web, "GET", "/healthz");
     other_port.dst_port = Some(9090);
@@ -117,7 +123,11 @@ fn caps_paths_and_collapses_hosts_on_request() {
         .map(|i| http(web, "GET", &format!("/api/v1/item-{i}")))
         .collect();
     recs.push(http(web, "GET", "/healthz"));
-    for h in ["a.cdn.example.net", "b.cdn.example.net", "c.cdn.example.net"] {
+    for h in [
+        "a.cdn.example.net",
+        "b.cdn.example.net",
+        "c.cdn.example.net",
+    ] {
         recs.push(egress(Some(h), "1.2.3.4", 443));
     }
     let opts = Options {
@@ -126,17 +136,31 @@ fn caps_paths_and_collapses_hosts_on_request() {
         include_denied: false,
     };
     let s = suggest(&recs, None, &opts).unwrap();
-    assert!(s.yaml.contains("\"/api/v1/{**}\"  # 5 requests"), "{}", s.yaml);
-    assert!(s.yaml.contains("hosts: [\"*.cdn.example.net\"]"), "{}", s.yaml);
+    assert!(
+        s.yaml.contains("\"/api/v1/{**}\"  # 5 requests"),
+        "{}",
+        s.yaml
+    );
+    assert!(
+        s.yaml.contains("hosts: [\"*.cdn.example.net\"]"),
+        "{}",
+        s.yaml
+    );
     let p = load(&s.yaml);
     assert!(allows(&p, &http(web, "GET", "/api/v1/other")));
     assert!(!allows(&p, &http(web, "GET", "/api/v2")));
-    assert!(allows(&p, &egress(Some("d.cdn.example.net"), "1.2.3.4", 443)));
+    assert!(allows(
+        &p,
+        &egress(Some("d.cdn.example.net"), "1.2.3.4", 443)
+    ));
     // Without the flags: exact paths and hosts.
     let s = suggest(&recs, None, &Options::default()).unwrap();
     assert!(s.yaml.contains("\"/api/v1/item-4\""), "{}", s.yaml);
     let p = load(&s.yaml);
-    assert!(!allows(&p, &egress(Some("d.cdn.example.net"), "1.2.3.4", 443)));
+    assert!(!allows(
+        &p,
+        &egress(Some("d.cdn.example.net"), "1.2.3.4", 443)
+    ));
 }
 
 #[test]
@@ -148,10 +172,18 @@ fn selectors_per_local_identity_and_unauthenticated_callers_by_address() {
     let recs = [plain.clone(), other.clone()];
     let s = suggest(&recs, None, &Options::default()).unwrap();
     assert!(s.yaml.contains("ipBlocks: [\"10.0.0.9\"]"), "{}", s.yaml);
-    assert!(s.yaml.contains("selector: {spiffeIds: [\"spiffe://td/billing\"]}"), "{}", s.yaml);
+    assert!(
+        s.yaml
+            .contains("selector: {spiffeIds: [\"spiffe://td/billing\"]}"),
+        "{}",
+        s.yaml
+    );
     let p = load(&s.yaml);
     assert!(allows(&p, &plain));
-    assert!(!allows(&p, &http("spiffe://td/web", "GET", "/b")), "billing's rule is not api's");
+    assert!(
+        !allows(&p, &http("spiffe://td/web", "GET", "/b")),
+        "billing's rule is not api's"
+    );
     let mut elsewhere = plain.clone();
     elsewhere.src_ip = Some("10.0.0.10".parse().unwrap());
     assert!(!allows(&p, &elsewhere));

@@ -55,7 +55,11 @@ pub fn cap_paths(templates: &BTreeSet<String>, max: usize) -> BTreeMap<String, S
     if templates.len() <= max.max(1) {
         return identity();
     }
-    let deepest = templates.iter().map(|t| segments(t).len()).max().unwrap_or(0);
+    let deepest = templates
+        .iter()
+        .map(|t| segments(t).len())
+        .max()
+        .unwrap_or(0);
     for d in (0..deepest).rev() {
         let prefixes: BTreeSet<Vec<&str>> = templates
             .iter()
@@ -68,7 +72,7 @@ pub fn cap_paths(templates: &BTreeSet<String>, max: usize) -> BTreeMap<String, S
             .map(|t| {
                 let s = segments(t);
                 // A template cut at depth d, or one that a cut prefix already covers.
-                let covered = s.len() >= d && prefixes.contains(&s[..d].to_vec());
+                let covered = s.len() >= d && prefixes.contains(&s[..d]);
                 let pattern = if covered {
                     let head = s[..d].join("/");
                     if d == 0 {
@@ -138,7 +142,10 @@ mod tests {
             ("/", "/"),
             ("/a/", "/a/"),
             ("/v2/api", "/v2/api"),
-            ("/releases/very-long-segment-name-2024", "/releases/very-long-segment-name-2024"),
+            (
+                "/releases/very-long-segment-name-2024",
+                "/releases/very-long-segment-name-2024",
+            ),
             ("/beef", "/beef"),
             ("/a*b/c", "/{*}/c"),
         ] {
@@ -147,7 +154,9 @@ mod tests {
             let p = PathPattern::parse(&t).unwrap();
             assert!(p.matches(path), "{t} must match {path}");
         }
-        assert!(!PathPattern::parse("/users/{*}").unwrap().matches("/users/1/x"));
+        assert!(!PathPattern::parse("/users/{*}")
+            .unwrap()
+            .matches("/users/1/x"));
     }
 
     #[test]
@@ -166,7 +175,10 @@ mod tests {
         assert_eq!(cap_paths(&many, 1)["/health"], "/{**}");
         for (t, p) in cap_paths(&many, 2) {
             let concrete = t.replace("{*}", "1");
-            assert!(PathPattern::parse(&p).unwrap().matches(&concrete), "{p} {t}");
+            assert!(
+                PathPattern::parse(&p).unwrap().matches(&concrete),
+                "{p} {t}"
+            );
         }
     }
 
@@ -194,7 +206,13 @@ mod tests {
         assert_eq!(on["api.example.com"], "api.example.com");
         assert_eq!(on["x.com"], "x.com");
         assert_eq!(on["10.0.0.1"], "10.0.0.1");
-        assert_eq!(collapse_hosts(&hosts, 4)["a.cdn.example.com"], "a.cdn.example.com");
-        assert_eq!(collapse_hosts(&hosts, 2)["a.cdn.example.com"], "*.cdn.example.com");
+        assert_eq!(
+            collapse_hosts(&hosts, 4)["a.cdn.example.com"],
+            "a.cdn.example.com"
+        );
+        assert_eq!(
+            collapse_hosts(&hosts, 2)["a.cdn.example.com"],
+            "*.cdn.example.com"
+        );
     }
 }
