@@ -443,3 +443,103 @@ fn observe_suggest_enforce_and_replay() {
         "{txt}"
     );
 }
+
+/// Egress through the explicit proxy: plain `http://` requests and a CONNECT tunnel are recorded
+/// with their names, `suggest` allows exactly those hosts and ports, and `replay` of a set
+/// allowing another host reports them as newly denied.
+#[test]
+fn egress_requests_are_recorded_suggested_and_replayed() {
+    let mesh = Mesh::start("policy-observe-egress", &[]);
+    let dir = mesh.dir.path().to_path_buf();
+    let (app_port, seen) = recording_app();
+    let log = dir.join("egress-access.jsonl");
+    let proxy = common::free_port();
+    let _fe = mesh.sidecar(
+        "frontend",
+        &mesh.frontend_bin.clone(),
+        &[
+            "--egress-proxy".into(),
+            format!("127.0.0.1:{proxy}"),
+            "--access-log".into(),
+            log.display().to_string(),
+        ],
+    );
+    let send = |head: String| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    };
+    let target = format!("localhost:{app_port}");
+    let r = send(format!(
+        "GET http://{target}/items/42?k=v HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    ));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = send(format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nGET /items/43 HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    ));
+    assert!(r.contains("HTTP/1.1 200 OK\r\ncontent-type"), "{r}");
+    assert_eq!(seen.lock().unwrap().len(), 2);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reqs = loop {
+        let all = records(&log);
+        let reqs: Vec<serde_json::Value> =
+            all.into_iter().filter(|r| r["kind"] == "request").collect();
+        if reqs.len() >= 2 || Instant::now() > deadline {
+            break reqs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    for r in &reqs {
+        assert_eq!(r["direction"], "egress", "{r}");
+        assert_eq!(r["protocol"], "http", "{r}");
+        assert_eq!(r["host"], "localhost", "{r}");
+        assert_eq!(r["dst_port"], app_port, "{r}");
+        assert_eq!(r["decision"], "allow", "{r}");
+        assert_eq!(
+            r["local_id"],
+            format!("spiffe://{TD}/frontend").as_str(),
+            "{r}"
+        );
+    }
+    assert_eq!(reqs[0]["path"], "/items/42");
+    assert_eq!(reqs[1]["connect"], "localhost", "{}", reqs[1]);
+
+    let l = log.display().to_string();
+    let out = svidcar(&["policy", "suggest", "--from", &l]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    assert!(
+        yaml.contains(&format!("ports: [{app_port}], hosts: [\"localhost\"]")),
+        "{yaml}"
+    );
+    let file = dir.join("egress-suggested.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let f = file.display().to_string();
+    let fe_id = format!("spiffe://{TD}/frontend");
+    let lint = svidcar(&["policy", "lint", "-f", &f, "--local-id", &fe_id]);
+    assert!(lint.status.success(), "{}{yaml}", text(&lint.stdout));
+    let same = svidcar(&["policy", "replay", "-f", &f, "--from", &l]);
+    assert_eq!(same.status.code(), Some(0), "{}", text(&same.stdout));
+
+    let other = dir.join("egress-other.yaml");
+    std::fs::write(&other, yaml.replace("\"localhost\"", "\"other.example\"")).unwrap();
+    let o = other.display().to_string();
+    let out = svidcar(&[
+        "policy", "replay", "-f", &o, "--from", &l, "--output", "json",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let denied: u64 = report["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["old"] == "ALLOW" && g["new"] == "DENY")
+        .map(|g| g["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(denied, 2, "{report:#}");
+}
