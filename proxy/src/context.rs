@@ -110,13 +110,14 @@ pub struct Access {
     /// When the connection was accepted.
     pub start: Instant,
     /// The JSON access-log record (only when one is configured, see [`crate::access_log`]).
-    pub record: Option<AccessRecord>,
+    pub record: Option<Box<AccessRecord>>,
 }
 
 impl Access {
     /// Starts a record.
     pub fn new(direction: &'static str, src: SocketAddr, dst: String) -> Self {
-        let record = crate::access_log::enabled().then(|| connection_record(direction, src, &dst));
+        let record =
+            crate::access_log::enabled().then(|| Box::new(connection_record(direction, src, &dst)));
         Self {
             direction,
             src,
@@ -154,7 +155,7 @@ impl Access {
 
     /// Writes the JSON access-log record, if one is configured.
     fn emit(&self, outcome: &str, fill: impl FnOnce(&mut AccessRecord)) {
-        let Some(mut r) = self.record.clone() else {
+        let Some(mut r) = self.record.as_deref().cloned() else {
             return;
         };
         if let Some(id) = &self.own_id {
