@@ -140,6 +140,16 @@ pub trait Authorizer: Send + Sync + 'static {
         let _ = raw;
         Ok(None)
     }
+    /// The request headers that the JSON access log records: those named by a
+    /// `request.headers[<name>]` condition of the policy in force, nothing else (so
+    /// `Authorization` or `Cookie` only when a rule names them). Default: none.
+    fn recorded_headers(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> std::collections::BTreeMap<String, String> {
+        let _ = headers;
+        std::collections::BTreeMap::new()
+    }
     /// The effective policy for the admin `/policy` endpoint.
     fn policy_json(&self) -> serde_json::Value {
         serde_json::json!({ "builtin": true, "description": self.describe() })

@@ -455,6 +455,9 @@ pub struct ProxyConfig {
     pub policy: Option<PathBuf>,
     /// Pooled, multiplexed mTLS between proxies ([`crate::mux::PoolConfig`]).
     pub pool: crate::mux::PoolConfig,
+    /// JSON access log (`svidcar.access/v1`, [`crate::access_log`]); none = off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -474,6 +477,7 @@ impl Default for ProxyConfig {
             limits: Limits::default(),
             policy: None,
             pool: crate::mux::PoolConfig::default(),
+            access_log: None,
         }
     }
 }

@@ -9,7 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::authz::{Authorizer, Verdict};
+use crate::access_log::AccessRecord;
+use crate::authz::{Authorizer, ConnAttrs, EgressAttrs, Verdict};
 use crate::config::Limits;
 use crate::copy::{CopyEnd, CopyStats};
 use crate::credentials::Credentials;
@@ -108,11 +109,15 @@ pub struct Access {
     pub rule: Option<String>,
     /// When the connection was accepted.
     pub start: Instant,
+    /// The JSON access-log record (only when one is configured, see [`crate::access_log`]).
+    pub record: Option<Box<AccessRecord>>,
 }
 
 impl Access {
     /// Starts a record.
     pub fn new(direction: &'static str, src: SocketAddr, dst: String) -> Self {
+        let record =
+            crate::access_log::enabled().then(|| Box::new(connection_record(direction, src, &dst)));
         Self {
             direction,
             src,
@@ -121,7 +126,46 @@ impl Access {
             own_id: None,
             rule: None,
             start: Instant::now(),
+            record,
         }
+    }
+
+    /// Records what an inbound decision sees (JSON access log).
+    pub fn saw_inbound(&mut self, attrs: &ConnAttrs<'_>, protocol: crate::policy::Protocol) {
+        if let Some(r) = &mut self.record {
+            r.saw_inbound(attrs, protocol);
+        }
+    }
+
+    /// Records what an egress decision sees (JSON access log).
+    pub fn saw_egress(&mut self, attrs: &EgressAttrs<'_>) {
+        if let Some(r) = &mut self.record {
+            r.saw_egress(attrs);
+        }
+    }
+
+    /// Records the connection facts of an `http` port, decided per request (JSON access log).
+    pub fn saw_http_port(&mut self, facts: &crate::http::ConnFacts) {
+        if let Some(r) = &mut self.record {
+            r.protocol = Some(crate::policy::Protocol::Http);
+            r.dst_ip = Some(facts.dst.ip());
+            r.dst_port = Some(facts.app_port);
+        }
+    }
+
+    /// Writes the JSON access-log record, if one is configured.
+    fn emit(&self, outcome: &str, fill: impl FnOnce(&mut AccessRecord)) {
+        let Some(mut r) = self.record.as_deref().cloned() else {
+            return;
+        };
+        if let Some(id) = &self.own_id {
+            r.local_id = Some(id.as_str().to_string());
+        }
+        if let Some(id) = &self.peer_id {
+            r.peer_id = Some(id.as_str().to_string());
+        }
+        fill(&mut r);
+        r.emit(outcome);
     }
 
     /// Logs a connection that was refused or failed before any byte was forwarded.
@@ -140,6 +184,7 @@ impl Access {
             duration_ms = self.start.elapsed().as_millis() as u64,
             "connection refused"
         );
+        self.emit(outcome, |r| r.reason = Some(reason.to_string()));
     }
 
     /// Logs a connection refused because no valid SVID is held.
@@ -155,6 +200,9 @@ impl Access {
     /// whether it allows the connection.
     pub fn decided(&mut self, metrics: &Metrics, dir: &'static str, verdict: &Verdict) -> bool {
         self.rule = Some(verdict.rule.clone());
+        if let Some(r) = &mut self.record {
+            r.decided(verdict);
+        }
         metrics.decision(dir, verdict.allow, &verdict.rule);
         verdict.allow
     }
@@ -189,6 +237,18 @@ impl Access {
     pub fn finished(&self, metrics: &Metrics, stats: &CopyStats) {
         metrics.connection(self.direction, "allowed");
         metrics.add_bytes(self.direction, stats.a_to_b, stats.b_to_a);
+        self.emit("allowed", |r| {
+            r.bytes_in = Some(stats.a_to_b);
+            r.bytes_out = Some(stats.b_to_a);
+            let (end, reason) = match &stats.end {
+                CopyEnd::Closed => ("closed", None),
+                CopyEnd::IdleTimeout => ("idle_timeout", None),
+                CopyEnd::Error(e) => ("error", Some(e.clone())),
+                CopyEnd::PolicyReset(rule) => ("policy_reset", Some(format!("reset by {rule}"))),
+            };
+            r.end = Some(end.to_string());
+            r.reason = reason;
+        });
         let end = match &stats.end {
             CopyEnd::Closed => "closed".to_string(),
             CopyEnd::IdleTimeout => "idle timeout".to_string(),
@@ -214,4 +274,22 @@ impl Access {
             "connection"
         );
     }
+}
+
+/// The record of a connection accepted on `direction` (`inbound` | `outbound` | `egress`).
+fn connection_record(direction: &str, src: SocketAddr, dst: &str) -> AccessRecord {
+    use crate::policy::Direction;
+    let policy_dir = match direction {
+        "inbound" => Direction::Inbound,
+        _ => Direction::Egress,
+    };
+    let mut r = AccessRecord::new(crate::access_log::Kind::Connection, policy_dir);
+    r.mesh = direction == "outbound";
+    r.src_ip = Some(src.ip());
+    r.src_port = Some(src.port());
+    if let Ok(d) = dst.parse::<SocketAddr>() {
+        r.dst_ip = Some(d.ip());
+        r.dst_port = Some(d.port());
+    }
+    r
 }

@@ -176,6 +176,7 @@ pub async fn handle(
         connect: Some(host),
         http: None,
     };
+    access.saw_egress(&attrs);
     let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
     if !access.decided(&ctx.metrics, "egress", &verdict) {
         access.refused(

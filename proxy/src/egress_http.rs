@@ -241,7 +241,14 @@ impl Conn {
         self.ctx
             .metrics
             .decision("egress", verdict.allow, &verdict.rule);
+        let record = crate::access_log::enabled()
+            .then(|| crate::access_log::egress_request(&attrs, &verdict));
         let log = |outcome: &str, status: u16, reason: &str| {
+            let mut r = record.clone();
+            if let Some(r) = r.as_mut().filter(|_| reason != "-") {
+                r.reason = Some(reason.to_string());
+            }
+            crate::access_log::finish_request(r, outcome, status, None);
             tracing::info!(
                 target: "access",
                 direction = "egress",

@@ -116,7 +116,13 @@ impl Egress<'_> {
 
     /// Decides with `sni` (and the CONNECT name); logs and counts a denial.
     fn decide(&mut self, sni: Option<&str>) -> Result<(Verdict, Option<OpenConn>), ()> {
-        let (verdict, open) = self.ctx.authz.authorize_egress_open(&self.attrs(sni));
+        let attrs = self.attrs(sni);
+        let (verdict, open) = self.ctx.authz.authorize_egress_open(&attrs);
+        let record = self.access.record.clone().map(|mut r| {
+            r.saw_egress(&attrs);
+            r
+        });
+        self.access.record = record;
         if self.access.decided(&self.ctx.metrics, "egress", &verdict) {
             return Ok((verdict, open));
         }

@@ -166,6 +166,7 @@ fn refused(
     tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
         peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), target = %raw.escape_debug(),
         reason, outcome = "refused", status = 400, "request refused");
+    crate::access_log::refused_request(facts, reason, raw);
     bad_request()
 }
 
@@ -277,11 +278,14 @@ async fn one_request(
     };
     let verdict: Verdict = authz.authorize_request(&conn, &attrs);
     metrics.decision("inbound", verdict.allow, &verdict.rule);
+    let record = crate::access_log::enabled()
+        .then(|| crate::access_log::inbound_request(&conn, &attrs, authz, &verdict));
     let (method, path) = (attrs.method.to_string(), path.to_string());
     if !verdict.allow {
         tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
             peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method = %method, path = %path,
             host = %host, rule = %verdict.rule, outcome = "denied", status = if grpc { 200 } else { 403 }, "request denied");
+        crate::access_log::finish_request(record, "denied", if grpc { 200 } else { 403 }, None);
         return denied(grpc);
     }
     // Forward what was evaluated: the normalized path with the query kept, and the authority.
@@ -318,10 +322,13 @@ async fn one_request(
             tracing::info!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
                 peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method = %method, path = %path,
                 host = %host, rule = %verdict.rule, outcome = "allowed", status = resp.status().as_u16(), "request");
+            let out = crate::access_log::content_length(resp.headers());
+            crate::access_log::finish_request(record, "allowed", resp.status().as_u16(), out);
             resp.map(|b| b.boxed())
         }
         Err(e) => {
             tracing::warn!(target: "access", direction = "inbound", protocol = "http", path = %path, error = %e, outcome = "upstream_failed", "request failed");
+            crate::access_log::finish_request(record, "upstream_failed", 502, None);
             bad_gateway(format!("upstream app error: {e}\n"))
         }
     }

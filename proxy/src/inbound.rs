@@ -165,6 +165,7 @@ pub async fn handle(
                 app_port,
                 tls: false,
             };
+            access.saw_inbound(&attrs, crate::policy::Protocol::Tcp);
             let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
             if !access.decided(&ctx.metrics, DIR, &verdict) {
                 access.refused(&ctx.metrics, "denied", "denied by policy");
@@ -295,6 +296,7 @@ pub async fn handle(
                 app_port,
                 tls: true,
             };
+            access.saw_inbound(&attrs, crate::policy::Protocol::Tcp);
             let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
             if !access.decided(&ctx.metrics, DIR, &verdict) {
                 access.refused(
@@ -323,10 +325,15 @@ pub async fn handle(
 }
 
 /// An `http` port: per-request authorization and forwarding (see [`crate::http`]).
-pub(crate) async fn serve_http<S>(ctx: &ProxyContext, stream: S, facts: ConnFacts, access: Access)
-where
+pub(crate) async fn serve_http<S>(
+    ctx: &ProxyContext,
+    stream: S,
+    facts: ConnFacts,
+    mut access: Access,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    access.saw_http_port(&facts);
     let r = crate::http::serve(
         stream,
         facts,

@@ -4,6 +4,7 @@
 //! `unsafe` is denied everywhere except [`sys`] (documented `getsockopt`/`splice` wrappers).
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod authz;
 pub mod client_hello;

@@ -182,6 +182,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
         connect: None,
         http: None,
     };
+    access.saw_egress(&attrs);
     let (verdict, open) = ctx.authz.authorize_egress_open(&attrs);
     if !access.decided(&ctx.metrics, "egress", &verdict) {
         access.refused(

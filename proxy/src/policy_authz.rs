@@ -223,6 +223,19 @@ impl Authorizer for PolicyAuthorizer {
             .map_err(|e| e.reason())
     }
 
+    fn recorded_headers(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> std::collections::BTreeMap<String, String> {
+        let Some(active) = self.active.load_full() else {
+            return Default::default();
+        };
+        active
+            .policy
+            .load()
+            .recorded_headers(&crate::http::Headers(headers))
+    }
+
     fn policy_json(&self) -> serde_json::Value {
         match self.active.load_full() {
             Some(a) => serde_json::json!({

@@ -7,4 +7,5 @@ pub mod demo;
 pub mod init;
 pub mod inject;
 pub mod policy;
+pub mod policy_observe;
 pub mod proxy;

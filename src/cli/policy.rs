@@ -25,6 +25,11 @@ enum PolicySub {
     Check(Box<CheckArgs>),
     /// Print the lint warnings of a policy set (exit 1 if there are any).
     Lint(LintArgs),
+    /// Print a least-privilege policy set that allows exactly what a JSON access log recorded.
+    Suggest(super::policy_observe::SuggestArgs),
+    /// Decide a JSON access log again with a candidate set and print what would change (exit 2
+    /// if anything that was allowed would be denied).
+    Replay(super::policy_observe::ReplayArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -123,6 +128,8 @@ impl PolicyCmd {
         match self.command {
             PolicySub::Check(a) => check(*a),
             PolicySub::Lint(a) => lint(a),
+            PolicySub::Suggest(a) => super::policy_observe::suggest(a),
+            PolicySub::Replay(a) => super::policy_observe::replay(a),
         }
     }
 }

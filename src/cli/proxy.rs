@@ -32,10 +32,13 @@ the effective result):
   egress:      {listen: 127.0.0.1:15080}   # explicit HTTP proxy (CONNECT)
   pool:        {enabled: true, max_streams: 100, idle_timeout: 60s, resumption: true}
   policy:      /etc/svidcar/policy.yaml
+  access_log:  {format: json, path: /var/log/svidcar/access.jsonl}   # path `-` or none: stdout
 
 Admin: /ready (503 until an SVID is held and the policy loaded), /live, /metrics, /config;
 loopback only unless --admin-allow-remote; request headers within limits.header_timeout.
-Access log: tracing target `access`, one line per connection. SIGTERM: drain, then exit.";
+Access log: tracing target `access`, one line per connection; with --access-log also one
+`svidcar.access/v1` JSON object per connection and per HTTP request (docs/access-log.md).
+SIGTERM: drain, then exit.";
 
 /// `svidcar proxy`: terminate mTLS for inbound traffic, originate it for outbound traffic,
 /// with the SVID streamed by the identity agent.
@@ -88,6 +91,11 @@ pub struct ProxyCmd {
     /// No TLS session resumption on outbound handshakes (sets `pool.resumption: false`).
     #[arg(long)]
     no_resumption: bool,
+    /// JSON access log: one `svidcar.access/v1` object per connection and per HTTP request,
+    /// appended to FILE (`-` = stdout), for `svidcar policy suggest` / `replay` (sets
+    /// `access_log: {format: json, path: FILE}`).
+    #[arg(long = "access-log", value_name = "FILE")]
+    access_log: Option<PathBuf>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
@@ -129,6 +137,12 @@ impl ProxyCmd {
         if self.no_resumption {
             config.pool.resumption = false;
         }
+        if let Some(p) = &self.access_log {
+            config.access_log = Some(svidcar_proxy::access_log::AccessLogConfig {
+                path: Some(p.clone()),
+                ..Default::default()
+            });
+        }
         config.validate()?;
         Ok(config)
     }
@@ -148,6 +162,9 @@ impl ProxyCmd {
             anyhow::bail!(
                 "nothing to do: give at least one --inbound, --outbound, --transparent or --egress-proxy"
             );
+        }
+        if let Some(log) = &config.access_log {
+            svidcar_proxy::access_log::install(log)?;
         }
         let rt = runtime::build()?;
         rt.block_on(async move {

@@ -349,6 +349,7 @@ async fn stream(
         app_port: facts.app_port,
         tls: true,
     };
+    access.saw_inbound(&attrs, crate::policy::Protocol::Tcp);
     let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
     if !access.decided(&ctx.metrics, DIR, &verdict) {
         answer(&mut respond, StatusCode::FORBIDDEN);

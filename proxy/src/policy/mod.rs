@@ -49,9 +49,13 @@ mod log;
 mod matchers;
 pub mod model;
 mod normalize;
+mod observe;
 mod pattern;
 pub mod reload;
+pub mod replay;
 mod request;
+pub mod suggest;
+pub mod template;
 
 use std::path::{Path, PathBuf};
 

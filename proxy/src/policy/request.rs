@@ -10,7 +10,7 @@ use svidcar_agent::SpiffeId;
 pub use super::model::Direction;
 
 /// How the traffic is seen by the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// An HTTP/1.1 or HTTP/2 request (per-request decision).
