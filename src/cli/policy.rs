@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use svidcar_agent::SpiffeId;
+use svidcar_proxy::policy::limits::{AppliedLimit, LimitKind};
 use svidcar_proxy::policy::{
     normalize_name, Decision, Direction, Explanation, PolicyLoadError, PolicySet, Protocol, Reason,
     Request,
@@ -28,7 +29,7 @@ enum PolicySub {
     /// Print a least-privilege policy set that allows exactly what a JSON access log recorded.
     Suggest(super::policy_observe::SuggestArgs),
     /// Decide a JSON access log again with a candidate set and print what would change (exit 2
-    /// if anything that was allowed would be denied).
+    /// if anything that was allowed would be denied, or refused by a limit).
     Replay(super::policy_observe::ReplayArgs),
 }
 
@@ -186,7 +187,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     {
         Some(Err(e)) => {
             eprintln!("svidcar: {e}");
-            print_explanation(a.output, &Explanation::refused(&e))?;
+            print_explanation(a.output, &Explanation::refused(&e), &[])?;
             return Ok(ExitCode::SUCCESS);
         }
         Some(Ok(p)) => Some(p),
@@ -225,11 +226,51 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     req.method = a.method.as_deref();
     req.path = path.as_deref();
     req.headers = &headers;
-    print_explanation(a.output, &policy.explain(&req))?;
+    let limits = if direction == Direction::Inbound {
+        policy.limits().describe(&req)
+    } else {
+        Vec::new()
+    };
+    print_explanation(a.output, &policy.explain(&req), &limits)?;
+    if let Output::Text = a.output {
+        print_limits(&limits, protocol.is_http());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_explanation(output: Output, ex: &Explanation) -> anyhow::Result<()> {
+/// The limits that apply to the caller and port (inbound), after the decision.
+fn print_limits(limits: &[AppliedLimit], http: bool) {
+    match limits {
+        [] => println!("limits: none (unlimited)"),
+        _ => {
+            println!("limits:");
+            for l in limits {
+                let burst = l.burst.map(|b| format!(", burst {b}")).unwrap_or_default();
+                let unit = match l.kind {
+                    LimitKind::Connections => " open at once",
+                    _ => " per second",
+                };
+                let note = if l.kind == LimitKind::RequestsPerSecond && !http {
+                    " (HTTP requests only)"
+                } else {
+                    ""
+                };
+                println!(
+                    "  {} {}{unit}{burst} by {}{note}",
+                    l.kind.as_str(),
+                    l.value,
+                    l.name
+                );
+            }
+        }
+    }
+}
+
+fn print_explanation(
+    output: Output,
+    ex: &Explanation,
+    limits: &[AppliedLimit],
+) -> anyhow::Result<()> {
     match output {
         Output::Json => {
             let v = serde_json::json!({
@@ -241,6 +282,7 @@ fn print_explanation(output: Output, ex: &Explanation) -> anyhow::Result<()> {
                 })),
                 "audit": ex.decision.audit.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
                 "rules": ex.rules,
+                "limits": limits,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         }

@@ -140,7 +140,7 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Text => print_text(&report),
     }
-    Ok(if report.newly_denied() > 0 {
+    Ok(if report.newly_denied() > 0 || report.limited() > 0 {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -175,8 +175,31 @@ fn print_text(r: &Report) {
              (replayed as absent)"
         );
     }
+    for l in &r.limits {
+        let what = if l.exceeded > 0 { "LIMITED" } else { "limit  " };
+        println!(
+            "{what} {} ({}): {} of {} recorded would be refused",
+            l.limit,
+            l.kind.as_str(),
+            l.exceeded,
+            l.applied
+        );
+        for e in &l.examples {
+            println!("    {}  {}", e.source, e.summary);
+        }
+    }
+    if r.limits_untimed > 0 && !r.limits.is_empty() {
+        println!(
+            "warning: {} records without a readable time were left out of the limits",
+            r.limits_untimed
+        );
+    }
     let denied = r.newly_denied();
     if denied > 0 {
         println!("{denied} recorded connections/requests that were allowed would be denied");
+    }
+    let limited = r.limited();
+    if limited > 0 {
+        println!("{limited} recorded connections/requests would be refused by a limit");
     }
 }

@@ -191,6 +191,8 @@ pub struct CompiledPolicy {
     pub(crate) settings: EffectiveSettings,
     pub(crate) summary: Vec<PolicySummary>,
     pub(crate) builtin: bool,
+    /// Per-caller limits (empty: unlimited).
+    pub(crate) limits: super::limits::CompiledLimits,
 }
 
 pub(crate) fn dir_index(d: Direction) -> usize {
@@ -284,6 +286,7 @@ pub(crate) fn compile(loaded: &Loaded, local: &SpiffeId, builtin: bool) -> Compi
         settings: loaded.settings,
         summary,
         builtin,
+        limits: super::limits::CompiledLimits::compile(&loaded.limits, local),
     }
 }
 
@@ -318,7 +321,7 @@ fn compile_rule(p: &Policy, i: usize, r: &Rule) -> CRule {
     }
 }
 
-fn compile_from(f: &From) -> CFrom {
+pub(crate) fn compile_from(f: &From) -> CFrom {
     CFrom {
         spiffe: Field::new(&f.spiffe_ids, &f.not_spiffe_ids, IdSet::new),
         td: Field::new(

@@ -96,7 +96,7 @@ fn any_entry<T>(
     })
 }
 
-fn check_from(f: &CFrom, c: &Ctx) -> Result<(), &'static str> {
+pub(crate) fn check_from(f: &CFrom, c: &Ctx) -> Result<(), &'static str> {
     let peer = c.req.peer;
     f.spiffe
         .check(peer, |s, id| s.matches(id), ("spiffeIds", "notSpiffeIds"))?;

@@ -12,7 +12,7 @@ use super::model::{Action, Direction, Policy, Rule, WhenKey, WhenValues};
 /// One lint warning.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LintWarning {
-    /// Stable code, `L001`…`L011`.
+    /// Stable code, `L001`…`L013` (`L012`, `L013`: limits, see docs/policy-limits.md).
     pub code: &'static str,
     /// Rule id (`<policy>/rules[<i>]`), policy name, or the set for set-wide warnings.
     pub target: String,
@@ -430,5 +430,6 @@ pub(crate) fn lint(loaded: &Loaded, local_ids: &[SpiffeId]) -> Vec<LintWarning> 
             }
         }
     }
+    out.extend(super::limits::lint_limits(&loaded.limits));
     out
 }

@@ -95,6 +95,8 @@ pub struct Loaded {
     pub settings: EffectiveSettings,
     /// Files read.
     pub files: Vec<PathBuf>,
+    /// Limits in canonical order.
+    pub limits: Vec<super::limits::SourcedLimit>,
 }
 
 fn io_issue(file: &Path, e: std::io::Error) -> PolicyLoadError {
@@ -159,6 +161,7 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
     };
     let mut agree = Agreement::default();
     let mut names: HashMap<String, PathBuf> = HashMap::new();
+    let mut limit_names: HashMap<String, PathBuf> = HashMap::new();
     for (file, text) in files {
         let issue = |line: Option<usize>, field: String, message: String| LoadIssue {
             file: file.clone(),
@@ -290,6 +293,25 @@ pub fn load_texts(files: &[(PathBuf, String)]) -> Result<Loaded, PolicyLoadError
                     policy,
                     file: file.clone(),
                     line,
+                });
+            }
+            for (i, limit) in doc.limits.into_iter().enumerate() {
+                if let Some(first) = limit_names.get(&limit.name) {
+                    issues.push(issue(
+                        loc.key_line(None, "limits"),
+                        format!("limits[{i}].name"),
+                        format!(
+                            "duplicate limit name {:?} (first defined in {})",
+                            limit.name,
+                            first.display()
+                        ),
+                    ));
+                } else {
+                    limit_names.insert(limit.name.clone(), file.clone());
+                }
+                out.limits.push(super::limits::SourcedLimit {
+                    limit,
+                    file: file.clone(),
                 });
             }
         }

@@ -43,6 +43,7 @@ mod eval;
 mod explain;
 mod fxhash;
 mod host_trie;
+pub mod limits;
 mod lint;
 mod load;
 mod log;
@@ -179,6 +180,7 @@ impl PolicySet {
             },
             settings: EffectiveSettings::default(),
             files: Vec::new(),
+            limits: Vec::new(),
         };
         Self {
             loaded,
@@ -237,6 +239,17 @@ impl CompiledPolicy {
     /// Whether this was compiled from the built-in policy.
     pub fn is_builtin(&self) -> bool {
         self.builtin
+    }
+
+    /// The per-caller limits (empty: unlimited).
+    pub fn limits(&self) -> &limits::CompiledLimits {
+        &self.limits
+    }
+
+    /// Takes over the limit counters of `prev` (hot reload, see
+    /// [`limits::CompiledLimits::adopt`]).
+    pub fn adopt_limits(&mut self, prev: &CompiledPolicy) {
+        self.limits.adopt(&prev.limits);
     }
 
     /// The effective default of a direction, as reported in reasons (`allow`, `deny`,

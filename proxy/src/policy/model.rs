@@ -31,6 +31,9 @@ pub struct PolicyDoc {
     /// Policies in document order.
     #[serde(default)]
     pub policies: Vec<Policy>,
+    /// Per-caller limits in document order (docs/policy-limits.md).
+    #[serde(default)]
+    pub limits: Vec<super::limits::Limit>,
 }
 
 /// `defaults`: the decision when no rule decides (omitted = Istio implicit rule).

@@ -131,7 +131,9 @@ pub fn spawn_watcher_with(
                 tokio::task::spawn_blocking(move || PolicySet::load(&p).map(|s| s.compile(&id)))
                     .await;
             match result {
-                Ok(Ok(compiled)) => {
+                Ok(Ok(mut compiled)) => {
+                    // Counters of unchanged limits carry over (docs/policy-limits.md).
+                    compiled.adopt_limits(&cur.load());
                     let compiled = Arc::new(compiled);
                     cur.store(compiled.clone());
                     oks.fetch_add(1, Ordering::Relaxed);

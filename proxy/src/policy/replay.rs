@@ -1,14 +1,17 @@
 //! `svidcar policy replay`: every recorded connection and request of an access log decided again
 //! by a candidate set, with the engine the proxy runs, and what would change — counted per
-//! (old decision → new decision, new rule), with examples.
+//! (old decision → new decision, new rule), with examples. The candidate's limits are played
+//! over the recorded timestamps too ([`super::limits::simulate`]): what they would refuse is
+//! counted per limit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
+use super::limits::simulate::{parse_time_ms, simulate, Attempt, LimitOutcome};
 use super::observe::{Recorded, Skip};
 use super::{CompiledPolicy, Direction, PolicySet, Protocol};
-use crate::access_log::{AccessRecord, Logged};
+use crate::access_log::{AccessRecord, Kind, Logged};
 
 /// One recorded connection or request, for a report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -52,6 +55,10 @@ pub struct Report {
     /// Header names the candidate's conditions use that no record carries (the log only holds
     /// the headers the policy in force named; such conditions see the header as absent).
     pub unrecorded_headers: Vec<String>,
+    /// What the candidate's limits would refuse of what it allows, per limit and kind.
+    pub limits: Vec<LimitOutcome>,
+    /// Allowed records left out of the limit simulation (no readable `time`).
+    pub limits_untimed: usize,
 }
 
 impl Report {
@@ -63,6 +70,39 @@ impl Report {
             .map(|o| o.count)
             .sum()
     }
+
+    /// Records the candidate allows that one of its limits would refuse.
+    pub fn limited(&self) -> usize {
+        self.limits.iter().map(|l| l.exceeded).sum()
+    }
+}
+
+/// The record as an attempt for the limit simulation (`None`: no readable time).
+fn attempt(rec: &AccessRecord, peer: Option<svidcar_agent::SpiffeId>, source: &str) -> Option<Attempt> {
+    let end = parse_time_ms(&rec.time)?;
+    let start = end - i64::try_from(rec.duration_ms).unwrap_or(0);
+    Some(Attempt {
+        example: Example {
+            source: source.to_string(),
+            summary: summary(rec),
+            old_rule: rec.rule.clone(),
+        },
+        peer,
+        source_ip: rec.src_ip,
+        port: rec.dst_port,
+        start_ms: start,
+        end_ms: (rec.kind == Kind::Connection).then_some(end),
+    })
+}
+
+/// The connection record of an inbound `http` port that got past the handshake (decided per
+/// request, so `Recorded` skips it): still a connection for the limits.
+fn http_port_connection(rec: &AccessRecord) -> bool {
+    rec.kind == Kind::Connection
+        && rec.direction == Direction::Inbound
+        && rec.decision.is_none()
+        && rec.protocol.is_some_and(Protocol::is_http)
+        && matches!(rec.outcome.as_str(), "allowed" | "limited")
 }
 
 /// A one-line description of a record.
@@ -120,6 +160,7 @@ pub fn replay<'a>(
     let mut groups: BTreeMap<(Logged, Logged, String), Outcome> = BTreeMap::new();
     let mut seen_headers: BTreeSet<String> = BTreeSet::new();
     let mut used_headers: BTreeSet<String> = BTreeSet::new();
+    let mut attempts: BTreeMap<String, Vec<Attempt>> = BTreeMap::new();
     for (source, rec) in records {
         let rec: &AccessRecord = rec;
         if local.is_some_and(|l| rec.local_id.as_deref() != Some(l.as_str())) {
@@ -130,6 +171,16 @@ pub fn replay<'a>(
             Ok(r) => r,
             Err(why) => {
                 *report.skipped.entry(why).or_default() += 1;
+                if http_port_connection(rec) {
+                    let local = rec.local_id.as_deref().unwrap_or_default();
+                    let peer = rec.peer_id.as_deref().map(svidcar_agent::SpiffeId::parse_lenient);
+                    if let (false, Some(Ok(_)) | None) = (local.is_empty(), &peer) {
+                        match attempt(rec, peer.and_then(Result::ok), &source) {
+                            Some(a) => attempts.entry(local.to_string()).or_default().push(a),
+                            None => report.limits_untimed += 1,
+                        }
+                    }
+                }
                 continue;
             }
         };
@@ -141,6 +192,12 @@ pub fn replay<'a>(
         seen_headers.extend(rec.headers.keys().cloned());
         let d = r.decide(policy);
         report.replayed += 1;
+        if d.allow && rec.direction == Direction::Inbound && !policy.limits().is_empty() {
+            match attempt(rec, r.peer().cloned(), &source) {
+                Some(a) => attempts.entry(r.local.as_str().to_string()).or_default().push(a),
+                None => report.limits_untimed += 1,
+            }
+        }
         let new = Logged::from_allow(d.allow);
         let rule = d.reason.to_string();
         let g = groups
@@ -174,6 +231,13 @@ pub fn replay<'a>(
         .sort_by_key(|g| (g.old != "ALLOW", std::cmp::Reverse(g.count)));
     report.unchanged.sort_by_key(|g| std::cmp::Reverse(g.count));
     report.unrecorded_headers = used_headers.difference(&seen_headers).cloned().collect();
+    for (local, list) in attempts {
+        let Ok(id) = svidcar_agent::SpiffeId::parse_lenient(&local) else {
+            continue;
+        };
+        let policy = compiled.entry(local).or_insert_with(|| set.compile(&id));
+        report.limits.extend(simulate(policy.limits(), &list, examples));
+    }
     report
 }
 
