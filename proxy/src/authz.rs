@@ -126,6 +126,28 @@ pub trait Authorizer: Send + Sync + 'static {
     ) -> (Verdict, Option<crate::conn_registry::OpenConn>) {
         (self.authorize_egress(conn), None)
     }
+    /// Admits a new inbound connection (or `svidcar-mux/1` stream) that the policy allows,
+    /// under its caller's `connections` and `connectionsPerSecond` limits; `Err`: reset it
+    /// (counted). Keep the [`crate::limits::Admission`] for the connection's life. Default:
+    /// unlimited.
+    fn admit(
+        &self,
+        conn: &ConnAttrs<'_>,
+    ) -> Result<crate::limits::Admission, crate::policy::limits::Exceeded> {
+        let _ = conn;
+        Ok(crate::limits::Admission::unlimited())
+    }
+    /// Takes one allowed HTTP request of an admitted connection from its caller's
+    /// `requestsPerSecond` bucket; `Err`: answer `429` (counted). Must stay cheap: no lock, no
+    /// allocation. Default: unlimited.
+    fn limit_request(
+        &self,
+        conn: &ConnAttrs<'_>,
+        admission: &crate::limits::Admission,
+    ) -> Result<(), crate::policy::limits::Exceeded> {
+        let _ = (conn, admission);
+        Ok(())
+    }
     /// Metrics of the authorizer, under their full names (rendered after the proxy's).
     fn metrics_registry(&self) -> Option<&prometheus_client::registry::Registry> {
         None

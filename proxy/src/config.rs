@@ -10,6 +10,7 @@
 //!     app_port: 8080
 //!     mode: strict                          # strict (default) | permissive
 //!     protocol: tcp                         # tcp (default) | http (per-request policy, 403)
+//!                                           # | auto (sniffed: HTTP per request, else TCP)
 //! outbound:                                 # explicit mode: one local plaintext listener per route
 //!   - listen: 127.0.0.1:9000
 //!     upstream: backend.example:8443
@@ -31,6 +32,7 @@
 //!   idle_timeout: 1h
 //!   drain_timeout: 20s
 //!   header_timeout: 20s                     # HTTP ports: request headers within this
+//!   detect_timeout: 200ms                   # auto ports: first bytes within this, else TCP
 //! policy: /etc/svidcar/policy               # reserved for the policy engine
 //! pool:                                     # pooled mTLS between proxies (crate::mux)
 //!   enabled: true
@@ -166,6 +168,10 @@ pub enum Protocol {
     Tcp,
     /// HTTP/1.1 or HTTP/2 (gRPC): authorization per request, denials are `403`.
     Http,
+    /// Detected per connection after the handshake ([`crate::sniff`]): an HTTP/1.x request
+    /// line or the HTTP/2 preface within `limits.detect_timeout` is served as `http`; anything
+    /// else, or silence (a server-first protocol), as `tcp`.
+    Auto,
 }
 
 /// An explicit inbound listener: mTLS on `listen`, forwarded to `127.0.0.1:app_port`.
@@ -185,7 +191,7 @@ pub struct InboundListener {
 }
 
 impl InboundListener {
-    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive][:tcp|http]`.
+    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive][:tcp|http|auto]`.
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let (addr, rest) = s
             .split_once('=')
@@ -201,6 +207,7 @@ impl InboundListener {
             match word {
                 "tcp" => protocol = Protocol::Tcp,
                 "http" => protocol = Protocol::Http,
+                "auto" => protocol = Protocol::Auto,
                 other => mode = other.parse()?,
             }
         }
@@ -415,6 +422,10 @@ pub struct Limits {
     /// connection waits for its next request, so it bounds how long an idle HTTP/1 keep-alive
     /// connection is kept.
     pub header_timeout: Dur,
+    /// `auto` ports: how long to wait after the handshake for the first bytes that tell HTTP
+    /// from other protocols; silence past it is served as TCP (a server-first protocol waits
+    /// this long for its first byte).
+    pub detect_timeout: Dur,
 }
 
 impl Default for Limits {
@@ -426,6 +437,7 @@ impl Default for Limits {
             drain_timeout: Dur(Duration::from_secs(20)),
             connect_timeout: Dur(Duration::from_secs(5)),
             header_timeout: Dur(Duration::from_secs(20)),
+            detect_timeout: Dur(Duration::from_millis(200)),
         }
     }
 }
@@ -533,6 +545,15 @@ impl ProxyConfig {
         self.pool.validate()?;
         if self.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "0", "must be at least 1"));
+        }
+        if self.limits.detect_timeout.0.is_zero()
+            || self.limits.detect_timeout.0 > Duration::from_secs(10)
+        {
+            return Err(bad(
+                "limits.detect_timeout",
+                &format!("{:?}", self.limits.detect_timeout.0),
+                "must be positive and at most 10s (auto ports wait this long for the first bytes)",
+            ));
         }
         if self.limits.header_timeout.0.is_zero() {
             return Err(bad(

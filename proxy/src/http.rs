@@ -105,6 +105,20 @@ pub struct ConnFacts {
     pub tls: bool,
 }
 
+impl ConnFacts {
+    /// The connection as the authorizer sees it.
+    pub fn attrs(&self) -> ConnAttrs<'_> {
+        ConnAttrs {
+            peer: self.peer.as_ref(),
+            own: &self.own,
+            src: self.src,
+            dst: self.dst,
+            app_port: self.app_port,
+            tls: self.tls,
+        }
+    }
+}
+
 fn denied(grpc: bool) -> Response<Body> {
     let resp = if grpc {
         let mut r = Response::new(Full::new(Bytes::new()));
@@ -220,6 +234,28 @@ impl H2Upstream {
     }
 }
 
+/// A request the policy allows but its caller's `requestsPerSecond` refuses: `429` (gRPC:
+/// `grpc-status: 8`) with `retry-after`, logged and counted per limit.
+fn limited(
+    facts: &ConnFacts,
+    e: &crate::policy::limits::Exceeded,
+    grpc: bool,
+    (method, path, host): (&str, &str, &str),
+    record: Option<crate::access_log::AccessRecord>,
+) -> Response<Body> {
+    let status = if grpc { 200 } else { 429 };
+    tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
+        peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method, path, host,
+        limit = %e.limit, kind = e.kind.as_str(), retry_after_ms = e.retry_after.as_millis() as u64,
+        outcome = "limited", status, "request limited");
+    let record = record.map(|mut r| {
+        r.reason = Some(crate::limits::reason(e));
+        r
+    });
+    crate::access_log::finish_request(record, "limited", status, None);
+    crate::limits::too_many_requests(grpc, e)
+}
+
 async fn one_request(
     mut req: Request<Incoming>,
     facts: &ConnFacts,
@@ -227,6 +263,7 @@ async fn one_request(
     metrics: &Metrics,
     clients: &AppClients,
     h2_upstream: &H2Upstream,
+    admission: &crate::limits::Admission,
 ) -> Response<Body> {
     let grpc = req
         .headers()
@@ -288,6 +325,9 @@ async fn one_request(
         crate::access_log::finish_request(record, "denied", if grpc { 200 } else { 403 }, None);
         return denied(grpc);
     }
+    if let Err(e) = authz.limit_request(&conn, admission) {
+        return limited(facts, &e, grpc, (&method, &path, host), record);
+    }
     // Forward what was evaluated: the normalized path with the query kept, and the authority.
     let target = match &normalized {
         Some(p) => format!("{p}{}", crate::policy::query_part(&raw)),
@@ -345,19 +385,22 @@ pub async fn serve<S>(
     metrics: Metrics,
     clients: AppClients,
     header_timeout: std::time::Duration,
+    admission: crate::limits::Admission,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let h2_upstream = Arc::new(H2Upstream::new(facts.app_port));
     let facts = Arc::new(facts);
+    let admission = Arc::new(admission);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (facts, authz, metrics, clients, h2_upstream) = (
+        let (facts, authz, metrics, clients, h2_upstream, admission) = (
             facts.clone(),
             authz.clone(),
             metrics.clone(),
             clients.clone(),
             h2_upstream.clone(),
+            admission.clone(),
         );
         async move {
             let resp = one_request(
@@ -367,6 +410,7 @@ where
                 &metrics,
                 &clients,
                 &h2_upstream,
+                &admission,
             )
             .await;
             Ok::<_, Infallible>(resp)

@@ -6,8 +6,10 @@
 //! 2. detect mesh TLS vs plaintext by peeking; plaintext on a `strict` port is reset;
 //! 3. mTLS handshake (with a timeout) on the current credentials; the peer's SPIFFE ID (a
 //!    resumed session's peer chain is verified again, against the bundles and clock of now);
-//! 4. authorization ([`crate::authz::Authorizer`]); denied → TCP RST;
-//! 5. connect to `127.0.0.1:<app port>` and copy both ways, until the end or until a new policy
+//! 4. `auto` ports: sniff the first bytes ([`crate::sniff`]) to serve HTTP or TCP;
+//! 5. authorization ([`crate::authz::Authorizer`]); denied → TCP RST; then the caller's limits
+//!    ([`crate::limits`]): over `connections` / `connectionsPerSecond` → TCP RST;
+//! 6. connect to `127.0.0.1:<app port>` and copy both ways, until the end or until a new policy
 //!    denies the connection (then RST both ways, see [`crate::conn_registry`]).
 
 use std::collections::BTreeMap;
@@ -25,6 +27,8 @@ use crate::context::{reset, Access, ProxyContext};
 use crate::copy;
 use crate::detect::{detect, Detected};
 use crate::http::ConnFacts;
+use crate::limits::Admission;
+use crate::sniff::{Rewind, Sniffed};
 
 /// How long a permissive port waits for a first byte before treating the connection as a
 /// server-first plaintext protocol.
@@ -146,6 +150,10 @@ pub async fn handle(
                 access.refused_no_identity(&ctx.metrics);
                 return reset(stream);
             };
+            let mut stream = stream;
+            let Some((protocol, prefix)) = sniff(&ctx, &access, protocol, &mut stream).await else {
+                return reset(stream);
+            };
             if protocol == Protocol::Http {
                 let facts = ConnFacts {
                     peer: None,
@@ -155,7 +163,11 @@ pub async fn handle(
                     app_port,
                     tls: false,
                 };
-                return Box::pin(serve_http(&ctx, stream, facts, access)).await;
+                let Some(admission) = admit(&ctx, &access, &facts.attrs()) else {
+                    return reset(stream);
+                };
+                let stream = Rewind::new(prefix, stream);
+                return Box::pin(serve_http(&ctx, stream, facts, access, admission)).await;
             }
             let attrs = ConnAttrs {
                 peer: None,
@@ -171,13 +183,17 @@ pub async fn handle(
                 access.refused(&ctx.metrics, "denied", "denied by policy");
                 return reset(stream);
             }
-            let Some(app) = connect_app(&ctx, &access, app_port).await else {
+            let Some(_admission) = admit(&ctx, &access, &attrs) else {
+                return reset(stream);
+            };
+            let Some(app) = connect_app_with(&ctx, &access, app_port, &prefix).await else {
                 return reset(stream);
             };
             let revoked = crate::conn_registry::revoked(open.as_ref());
-            let stats =
+            let mut stats =
                 copy::splice_bidirectional_until(stream, app, ctx.limits.idle_timeout.0, revoked)
                     .await;
+            stats.a_to_b += prefix.len() as u64;
             access.finished(&ctx.metrics, &stats);
         }
         Detected::Tls => {
@@ -277,6 +293,10 @@ pub async fn handle(
                 ctx.metrics.open_connections.inc();
                 return;
             }
+            let mut tls = tls;
+            let Some((protocol, prefix)) = sniff(&ctx, &access, protocol, &mut tls).await else {
+                return reset(tls.into_inner().0);
+            };
             if protocol == Protocol::Http {
                 let facts = ConnFacts {
                     peer: Some(peer),
@@ -286,7 +306,11 @@ pub async fn handle(
                     app_port,
                     tls: true,
                 };
-                return Box::pin(serve_http(&ctx, tls, facts, access)).await;
+                let Some(admission) = admit(&ctx, &access, &facts.attrs()) else {
+                    return reset(tls.into_inner().0);
+                };
+                let tls = Rewind::new(prefix, tls);
+                return Box::pin(serve_http(&ctx, tls, facts, access, admission)).await;
             }
             let attrs = ConnAttrs {
                 peer: Some(&peer),
@@ -306,14 +330,18 @@ pub async fn handle(
                 );
                 return reset(tls.into_inner().0);
             }
-            let Some(app) = connect_app(&ctx, &access, app_port).await else {
+            let Some(_admission) = admit(&ctx, &access, &attrs) else {
+                return reset(tls.into_inner().0);
+            };
+            let Some(app) = connect_app_with(&ctx, &access, app_port, &prefix).await else {
                 return reset(tls.into_inner().0);
             };
             let _ = app.set_nodelay(true);
             let (mut tls, mut app) = (tls, app);
             let revoked = crate::conn_registry::revoked(open.as_ref());
             let idle = ctx.limits.idle_timeout.0;
-            let stats = copy::copy_bidirectional_until(&mut tls, &mut app, idle, revoked).await;
+            let mut stats = copy::copy_bidirectional_until(&mut tls, &mut app, idle, revoked).await;
+            stats.a_to_b += prefix.len() as u64;
             access.finished(&ctx.metrics, &stats);
             if stats.failed() {
                 // One side broke: tell the other with a reset, not a clean end of stream.
@@ -324,12 +352,47 @@ pub async fn handle(
     }
 }
 
-/// An `http` port: per-request authorization and forwarding (see [`crate::http`]).
+/// An `auto` port: sniffs the first bytes of `stream` and says whether to serve it as `http` or
+/// `tcp`, with the bytes read (`None`: the stream failed, logged). Other ports: as configured.
+pub(crate) async fn sniff<S: tokio::io::AsyncRead + Unpin>(
+    ctx: &ProxyContext,
+    access: &Access,
+    protocol: Protocol,
+    stream: &mut S,
+) -> Option<(Protocol, Vec<u8>)> {
+    if protocol != Protocol::Auto {
+        return Some((protocol, Vec::new()));
+    }
+    match crate::sniff::sniff(stream, ctx.limits.detect_timeout.0).await {
+        Ok((Sniffed::Http, prefix)) => Some((Protocol::Http, prefix)),
+        Ok((Sniffed::Opaque, prefix)) => Some((Protocol::Tcp, prefix)),
+        Err(e) => {
+            access.refused(&ctx.metrics, "io_error", &format!("auto port: {e}"));
+            None
+        }
+    }
+}
+
+/// Admits an allowed connection under its caller's limits; over one, logs and counts it
+/// (`outcome=limited`) and returns `None`: the caller resets the connection.
+pub(crate) fn admit(ctx: &ProxyContext, access: &Access, attrs: &ConnAttrs<'_>) -> Option<Admission> {
+    match ctx.authz.admit(attrs) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            access.refused(&ctx.metrics, "limited", &crate::limits::reason(&e));
+            None
+        }
+    }
+}
+
+/// An `http` port: per-request authorization and forwarding (see [`crate::http`]), under the
+/// connection's `admission` (limits).
 pub(crate) async fn serve_http<S>(
     ctx: &ProxyContext,
     stream: S,
     facts: ConnFacts,
     mut access: Access,
+    admission: Admission,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -341,6 +404,7 @@ pub(crate) async fn serve_http<S>(
         ctx.metrics.clone(),
         ctx.app_clients.clone(),
         ctx.limits.header_timeout.0,
+        admission,
     )
     .await;
     let end = match r {
@@ -367,6 +431,27 @@ pub(crate) async fn connect_from_passthrough(addr: SocketAddr) -> std::io::Resul
         0,
     )))?;
     sock.connect(addr).await
+}
+
+/// [`connect_app`], then writes `prefix` (the bytes an `auto` port sniffed) to the app.
+pub(crate) async fn connect_app_with(
+    ctx: &ProxyContext,
+    access: &Access,
+    app_port: u16,
+    prefix: &[u8],
+) -> Option<TcpStream> {
+    let mut app = connect_app(ctx, access, app_port).await?;
+    if !prefix.is_empty() {
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut app, prefix).await {
+            access.refused(
+                &ctx.metrics,
+                "upstream_failed",
+                &format!("cannot write to the app on port {app_port}: {e}"),
+            );
+            return None;
+        }
+    }
+    Some(app)
 }
 
 /// Connects to the local app (logs and counts a failure as `upstream_failed`).

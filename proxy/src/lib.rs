@@ -22,12 +22,14 @@ pub mod http_authority;
 pub mod inbound;
 pub mod ktls;
 pub mod linger;
+pub mod limits;
 pub mod metrics;
 pub mod mux;
 pub mod outbound;
 pub mod policy_authz;
 pub mod policy_change;
 pub mod server;
+pub mod sniff;
 pub mod sys;
 
 pub mod init;

@@ -16,6 +16,8 @@ use svidcar_agent::SpiffeId;
 use crate::authz::{Authorizer, ConnAttrs, EgressAttrs, Verdict};
 use crate::conn_registry::{ConnRegistry, OpenAttrs, OpenConn};
 use crate::credentials::Credentials;
+use crate::limits::{Admission, LimitMetrics};
+use crate::policy::limits::Exceeded;
 use crate::policy::{
     self, CompiledPolicy, Direction, PolicyLoadError, PolicySet, Protocol, Request,
 };
@@ -36,6 +38,7 @@ pub struct PolicyAuthorizer {
     /// Open non-HTTP connections (re-evaluated on a policy change).
     open: ConnRegistry,
     metrics: PolicyMetrics,
+    limit_metrics: LimitMetrics,
     registry: prometheus_client::registry::Registry,
 }
 
@@ -47,11 +50,14 @@ impl PolicyAuthorizer {
         let metrics = PolicyMetrics::default();
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
+        let limit_metrics = LimitMetrics::default();
+        limit_metrics.register(&mut registry);
         Ok(Arc::new(Self {
             path,
             active: ArcSwapOption::empty(),
             open: ConnRegistry::default(),
             metrics,
+            limit_metrics,
             registry,
         }))
     }
@@ -206,6 +212,64 @@ impl Authorizer for PolicyAuthorizer {
         let verdict = self.authorize_egress(conn);
         let guard = verdict.allow.then_some(guard);
         (verdict, guard)
+    }
+
+    fn admit(&self, conn: &ConnAttrs<'_>) -> Result<Admission, Exceeded> {
+        let guard = self.active.load();
+        let Some(active) = guard.as_ref() else {
+            return Ok(Admission::unlimited()); // not loaded: every connection is denied anyway
+        };
+        let compiled = active.policy.load();
+        let limits = compiled.limits();
+        if limits.is_empty() {
+            return Ok(Admission::new(Default::default(), limits.generation(), None));
+        }
+        let mut req = Request::new(Direction::Inbound, Protocol::Tcp);
+        req.peer = conn.peer;
+        req.source_ip = Some(conn.src.ip());
+        req.destination_ip = Some(conn.dst.ip());
+        req.destination_port = Some(conn.app_port);
+        let now = policy::limits::now();
+        let held = limits.admit(&req, now).inspect_err(|e| {
+            self.limit_metrics.exceeded(e);
+        })?;
+        let bucket = limits.request_bucket(&req, now);
+        Ok(Admission::new(held, limits.generation(), bucket))
+    }
+
+    #[inline]
+    fn limit_request(&self, conn: &ConnAttrs<'_>, admission: &Admission) -> Result<(), Exceeded> {
+        let guard = self.active.load();
+        let Some(active) = guard.as_ref() else {
+            return Ok(()); // not loaded: every request is denied anyway
+        };
+        let compiled = active.policy.load();
+        let limits = compiled.limits();
+        if !limits.limits_requests() {
+            return Ok(());
+        }
+        let now = policy::limits::now();
+        let cached = admission.requests.load();
+        let result = if cached.generation == limits.generation() {
+            cached.bucket.as_ref().map_or(Ok(()), |b| b.take(now))
+        } else {
+            // A reloaded set: resolve the caller's bucket again (once per connection).
+            let mut req = Request::new(Direction::Inbound, Protocol::Http);
+            req.peer = conn.peer;
+            req.source_ip = Some(conn.src.ip());
+            req.destination_ip = Some(conn.dst.ip());
+            req.destination_port = Some(conn.app_port);
+            let bucket = limits.request_bucket(&req, now);
+            let r = bucket.as_ref().map_or(Ok(()), |b| b.take(now));
+            admission
+                .requests
+                .store(Arc::new(crate::limits::CachedBucket {
+                    generation: limits.generation(),
+                    bucket,
+                }));
+            r
+        };
+        result.inspect_err(|e| self.limit_metrics.exceeded(e))
     }
 
     fn metrics_registry(&self) -> Option<&prometheus_client::registry::Registry> {

@@ -327,19 +327,48 @@ async fn stream(
     ctx.metrics.mux_stream(DIR);
     ctx.metrics.open_connections.inc();
     let _open = OpenGuard(&ctx.metrics);
-    if facts.protocol == Protocol::Http {
-        let Some(stream) = accept(&mut respond, req) else {
+    let conn = ConnFacts {
+        peer: Some(facts.peer.clone()),
+        own: facts.own.clone(),
+        src: facts.src,
+        dst: facts.dst,
+        app_port: facts.app_port,
+        tls: true,
+    };
+    // An `auto` port: the stream is accepted to read its first bytes (a later refusal resets it).
+    let (mut req, mut sniffed) = (Some(req), None);
+    let mut protocol = facts.protocol;
+    if protocol == Protocol::Auto {
+        let Some(mut stream) = req.take().and_then(|r| accept(&mut respond, r)) else {
             return access.refused(&ctx.metrics, "closed", "mux: stream reset by the peer");
         };
-        let conn = ConnFacts {
-            peer: Some(facts.peer.clone()),
-            own: facts.own.clone(),
-            src: facts.src,
-            dst: facts.dst,
-            app_port: facts.app_port,
-            tls: true,
+        let Some((p, prefix)) =
+            crate::inbound::sniff(&ctx, &access, protocol, &mut stream).await
+        else {
+            return stream.reset();
         };
-        return crate::inbound::serve_http(&ctx, stream, conn, access).await;
+        protocol = p;
+        sniffed = Some((stream, prefix));
+    }
+    if protocol == Protocol::Http {
+        let Some(admission) = crate::inbound::admit(&ctx, &access, &conn.attrs()) else {
+            return match sniffed {
+                Some((mut stream, _)) => stream.reset(),
+                None => respond.send_reset(Reason::REFUSED_STREAM),
+            };
+        };
+        let (stream, prefix) = match (sniffed, req) {
+            (Some(s), _) => s,
+            (None, Some(r)) => match accept(&mut respond, r) {
+                Some(s) => (s, Vec::new()),
+                None => {
+                    return access.refused(&ctx.metrics, "closed", "mux: stream reset by the peer")
+                }
+            },
+            (None, None) => return,
+        };
+        let stream = crate::sniff::Rewind::new(prefix, stream);
+        return crate::inbound::serve_http(&ctx, stream, conn, access, admission).await;
     }
     let attrs = ConnAttrs {
         peer: Some(&facts.peer),
@@ -350,20 +379,42 @@ async fn stream(
         tls: true,
     };
     access.saw_inbound(&attrs, crate::policy::Protocol::Tcp);
+    // Refusals: before the stream was accepted a status (or RST_STREAM), after it a reset.
+    let refuse = |respond: &mut SendResponse<Bytes>, sniffed: Option<(H2Stream, Vec<u8>)>, status| {
+        match sniffed {
+            Some((mut stream, _)) => stream.reset(),
+            None if status == StatusCode::TOO_MANY_REQUESTS => {
+                respond.send_reset(Reason::REFUSED_STREAM)
+            }
+            None => answer(respond, status),
+        }
+    };
     let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
     if !access.decided(&ctx.metrics, DIR, &verdict) {
-        answer(&mut respond, StatusCode::FORBIDDEN);
+        refuse(&mut respond, sniffed, StatusCode::FORBIDDEN);
         return access.refused(
             &ctx.metrics,
             "denied",
             &format!("denied by {}", verdict.rule),
         );
     }
-    let Some(app) = crate::inbound::connect_app(&ctx, &access, facts.app_port).await else {
-        return answer(&mut respond, StatusCode::BAD_GATEWAY);
+    let Some(_admission) = crate::inbound::admit(&ctx, &access, &attrs) else {
+        return refuse(&mut respond, sniffed, StatusCode::TOO_MANY_REQUESTS);
+    };
+    let prefix = sniffed.as_ref().map(|s| s.1.as_slice()).unwrap_or_default();
+    let Some(app) =
+        crate::inbound::connect_app_with(&ctx, &access, facts.app_port, prefix).await
+    else {
+        return refuse(&mut respond, sniffed, StatusCode::BAD_GATEWAY);
     };
     let _ = app.set_nodelay(true);
-    let Some(mut peer) = accept(&mut respond, req) else {
+    let sniffed_len = prefix.len() as u64;
+    let accepted = match (sniffed, req) {
+        (Some((stream, _)), _) => Some(stream),
+        (None, Some(r)) => accept(&mut respond, r),
+        (None, None) => None,
+    };
+    let Some(mut peer) = accepted else {
         access.refused(&ctx.metrics, "closed", "mux: stream reset by the peer");
         return reset(app);
     };
@@ -373,6 +424,7 @@ async fn stream(
     let mut stats = super::pump::pump_until(&mut app, &mut peer, idle, revoked).await;
     // Access-log convention: rx = from the connecting side (the peer).
     std::mem::swap(&mut stats.a_to_b, &mut stats.b_to_a);
+    stats.a_to_b += sniffed_len;
     access.finished(&ctx.metrics, &stats);
     if stats.failed() {
         // One side broke: tell the other with a reset, not a clean end of stream.
