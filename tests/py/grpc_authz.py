@@ -3,6 +3,9 @@
     grpc_authz.py server PORT      serve grpc.health.v1.Health on 127.0.0.1:PORT (h2c) until killed
     grpc_authz.py client HOST:PORT call Health/Check (allowed) and a method the policy does not
                                    allow; print one line per call: `<method> <status code name>`
+    grpc_authz.py burst HOST:PORT N
+                                   call Health/Check N times in a row on one channel (a rate
+                                   limit test); one line per call as above
 """
 import sys
 import time
@@ -44,8 +47,21 @@ def call(target):
             print("List", e.code().name, e.details())
 
 
+def burst(target, n):
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(n):
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+                print("Check OK")
+            except grpc.RpcError as e:
+                print("Check", e.code().name, e.details())
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(int(sys.argv[2]))
+    elif sys.argv[1] == "burst":
+        burst(sys.argv[2], int(sys.argv[3]))
     else:
         call(sys.argv[2])
