@@ -75,7 +75,11 @@ fn get(rd: &mut BufReader<TcpStream>, path: &str) -> std::io::Result<Resp> {
     if rd.read_line(&mut line)? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    let status = line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let mut headers = Vec::new();
     loop {
         let mut h = String::new();
@@ -201,7 +205,11 @@ fn requests_per_second_limits_one_caller_not_the_other() {
         "{allowed} allowed in {elapsed:.3}s (bucket: 5 + 5/s): {statuses:?}"
     );
     assert_eq!(&statuses[..5], &[200; 5], "the burst passes first");
-    assert_eq!(app.requests.load(Ordering::SeqCst), allowed, "429s never reach the app");
+    assert_eq!(
+        app.requests.load(Ordering::SeqCst),
+        allowed,
+        "429s never reach the app"
+    );
 
     // B has no limit: all 20 pass, at once, while A's bucket is empty.
     let mut b = connect(b_port);
@@ -220,7 +228,10 @@ fn requests_per_second_limits_one_caller_not_the_other() {
     ]);
     assert_eq!(counted, limited as f64, "{}", backend.metrics());
     let line = backend.wait_log(&["request limited", "limit=frontend-requests"]);
-    assert!(line.contains(&format!("peer_id=\"spiffe://{TD}/frontend\"")), "{line}");
+    assert!(
+        line.contains(&format!("peer_id=\"spiffe://{TD}/frontend\"")),
+        "{line}"
+    );
     assert!(line.contains("status=429"), "{line}");
 }
 
@@ -245,7 +256,10 @@ fn concurrent_connections_limit_resets_the_excess_only() {
         }
         let mut third = connect(a_port);
         let r = get(&mut third, "/third");
-        assert!(r.is_err(), "pool={pool}: the third connection must be reset: {r:?}");
+        assert!(
+            r.is_err(),
+            "pool={pool}: the third connection must be reset: {r:?}"
+        );
         assert_eq!(app.conns.load(Ordering::SeqCst), before + 2, "pool={pool}");
         let mut bs: Vec<_> = (0..3).map(|_| connect(b_port)).collect();
         for h in &mut bs {
@@ -259,12 +273,18 @@ fn concurrent_connections_limit_resets_the_excess_only() {
             if let Ok((200, ..)) = get(&mut again, "/again") {
                 break;
             }
-            assert!(Instant::now() < deadline, "pool={pool}: the slot was not released");
+            assert!(
+                Instant::now() < deadline,
+                "pool={pool}: the slot was not released"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
     let line = backend.wait_log(&["connection refused", "outcome=\"limited\""]);
-    assert!(line.contains("limit frontend-connections exceeded (connections"), "{line}");
+    assert!(
+        line.contains("limit frontend-connections exceeded (connections"),
+        "{line}"
+    );
     assert!(
         backend.metric_sum(&[
             "svidcar_limits_exceeded_total",
@@ -290,7 +310,11 @@ fn reload_keeps_counters_of_an_unchanged_limit() {
     let codes: Vec<u16> = (0..3).map(|_| get(&mut a, "/x").unwrap().0).collect();
     assert_eq!(codes, [200, 200, 429]);
     // Same limit, another policy text: the bucket is still empty (a token takes 20 s).
-    std::fs::write(&file, policy(&slow("slow")).replace("name: mesh", "name: mesh2")).unwrap();
+    std::fs::write(
+        &file,
+        policy(&slow("slow")).replace("name: mesh", "name: mesh2"),
+    )
+    .unwrap();
     backend.wait_log(&["policy reloaded"]);
     assert_eq!(get(&mut a, "/x").unwrap().0, 429, "counters carried over");
     // Renamed: a new limit with a full bucket.
@@ -336,7 +360,11 @@ fn grpc_over_its_limit_is_resource_exhausted() {
     let _ = server.kill();
     let _ = server.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let count = |what: &str| stdout.lines().filter(|l| l.starts_with(what)).count();
     let (ok, exhausted) = (count("Check OK"), count("Check RESOURCE_EXHAUSTED"));
     assert_eq!(ok + exhausted, 8, "{stdout}");
@@ -347,8 +375,8 @@ fn grpc_over_its_limit_is_resource_exhausted() {
 
 fn svidcar(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(BIN).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -367,18 +395,48 @@ fn check_lint_and_replay_account_for_limits() {
     let f = file.display().to_string();
     let local = format!("spiffe://{TD}/backend");
     let (code, out) = svidcar(&[
-        "policy", "check", "-f", &f, "--local-id", &local, "--direction", "inbound", "--peer",
-        &format!("spiffe://{TD}/web"), "--port", "8080", "--method", "GET", "--path", "/",
+        "policy",
+        "check",
+        "-f",
+        &f,
+        "--local-id",
+        &local,
+        "--direction",
+        "inbound",
+        "--peer",
+        &format!("spiffe://{TD}/web"),
+        "--port",
+        "8080",
+        "--method",
+        "GET",
+        "--path",
+        "/",
     ]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("connections 10 open at once by everyone"), "{out}");
-    assert!(out.contains("requestsPerSecond 5 per second, burst 5 by everyone"), "{out}");
+    assert!(
+        out.contains("connections 10 open at once by everyone"),
+        "{out}"
+    );
+    assert!(
+        out.contains("requestsPerSecond 5 per second, burst 5 by everyone"),
+        "{out}"
+    );
     let (code, out) = svidcar(&["policy", "lint", "-f", &f]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("L012 limits/web"), "{out}");
     let (_, out) = svidcar(&[
-        "policy", "check", "-f", &f, "--local-id", &local, "--direction", "inbound", "--output",
-        "json", "--peer", &format!("spiffe://{TD}/x"),
+        "policy",
+        "check",
+        "-f",
+        &f,
+        "--local-id",
+        &local,
+        "--direction",
+        "inbound",
+        "--output",
+        "json",
+        "--peer",
+        &format!("spiffe://{TD}/x"),
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["limits"][0]["kind"], "connections", "{out}");
@@ -396,6 +454,12 @@ fn check_lint_and_replay_account_for_limits() {
     let l = log.display().to_string();
     let (code, out) = svidcar(&["policy", "replay", "-f", &f, "--from", &l]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("LIMITED everyone (requestsPerSecond): 5 of 10"), "{out}");
-    assert!(out.contains("5 recorded connections/requests would be refused by a limit"), "{out}");
+    assert!(
+        out.contains("LIMITED everyone (requestsPerSecond): 5 of 10"),
+        "{out}"
+    );
+    assert!(
+        out.contains("5 recorded connections/requests would be refused by a limit"),
+        "{out}"
+    );
 }

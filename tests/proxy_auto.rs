@@ -35,7 +35,11 @@ impl Seen {
         self.lines.lock().unwrap().iter().any(|l| l == s)
     }
     fn any(&self, prefix: &str) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| l.contains(prefix))
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(prefix))
     }
 }
 
@@ -117,7 +121,12 @@ fn banner_app(seen: Seen) -> u16 {
             let seen = seen.clone();
             tokio::spawn(async move {
                 let mut rd = tokio::io::BufReader::new(s);
-                if rd.get_mut().write_all(b"220 banner ready\r\n").await.is_err() {
+                if rd
+                    .get_mut()
+                    .write_all(b"220 banner ready\r\n")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 loop {
@@ -139,7 +148,15 @@ fn banner_app(seen: Seen) -> u16 {
 
 fn curl(url: &str, extra: &[&str]) -> (String, String) {
     let out = Command::new("curl")
-        .args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code} %{http_version}"])
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code} %{http_version}",
+        ])
         .args(extra)
         .arg(url)
         .output()
@@ -209,13 +226,22 @@ fn auto_ports_serve_http_grpc_and_opaque_tcp() {
 
     // HTTP/1.1: per-request policy.
     let (body, codes) = curl(&web_url("/public/a"), &[]);
-    assert_eq!((body.as_str(), codes.as_str()), ("hello from app\n", "200 1.1"));
+    assert_eq!(
+        (body.as_str(), codes.as_str()),
+        ("hello from app\n", "200 1.1")
+    );
     let (body, codes) = curl(&web_url("/secret"), &[]);
-    assert_eq!((body.as_str(), codes.as_str()), ("RBAC: access denied", "403 1.1"));
+    assert_eq!(
+        (body.as_str(), codes.as_str()),
+        ("RBAC: access denied", "403 1.1")
+    );
     assert!(web_seen.has("h1 GET /public/a"));
     // HTTP/2 with prior knowledge (the preface is sniffed).
     let (body, codes) = curl(&web_url("/public/b"), &["--http2-prior-knowledge"]);
-    assert_eq!((body.as_str(), codes.as_str()), ("hello from app\n", "200 2"));
+    assert_eq!(
+        (body.as_str(), codes.as_str()),
+        ("hello from app\n", "200 2")
+    );
     let (_, codes) = curl(&web_url("/secret2"), &["--http2-prior-knowledge"]);
     assert_eq!(codes, "403 2");
     assert!(web_seen.any("GET /public/b"));
@@ -238,7 +264,11 @@ fn auto_ports_serve_http_grpc_and_opaque_tcp() {
     let _ = s.write_all(b" HTTP/1.1\r\nHost: x\r\n\r\n");
     let r = s.read(&mut buf);
     assert!(matches!(r, Ok(0) | Err(_)), "slow request line got {r:?}");
-    assert_eq!(web_seen.conns.load(Ordering::SeqCst), conns, "the app saw a TCP connection");
+    assert_eq!(
+        web_seen.conns.load(Ordering::SeqCst),
+        conns,
+        "the app saw a TCP connection"
+    );
     backend.wait_log(&["connection refused", "outcome=\"denied\""]);
 
     // Server-first: the banner arrives although the client says nothing first.
@@ -257,7 +287,11 @@ fn auto_ports_serve_http_grpc_and_opaque_tcp() {
     let mut echo = Vec::new();
     rd.read_until(b'\n', &mut echo).unwrap();
     assert_eq!(echo, b"echo \x00\x01\xffbinary\n");
-    assert!(tcp_seen.has("tcp \\x00\\x01\\xffbinary\\n"), "{:?}", tcp_seen.lines);
+    assert!(
+        tcp_seen.has("tcp \\x00\\x01\\xffbinary\\n"),
+        "{:?}",
+        tcp_seen.lines
+    );
 
     // gRPC (HTTP/2 with a grpcio client): allowed and denied methods.
     if let Some(py) = &py {

@@ -375,7 +375,11 @@ pub(crate) async fn sniff<S: tokio::io::AsyncRead + Unpin>(
 
 /// Admits an allowed connection under its caller's limits; over one, logs and counts it
 /// (`outcome=limited`) and returns `None`: the caller resets the connection.
-pub(crate) fn admit(ctx: &ProxyContext, access: &Access, attrs: &ConnAttrs<'_>) -> Option<Admission> {
+pub(crate) fn admit(
+    ctx: &ProxyContext,
+    access: &Access,
+    attrs: &ConnAttrs<'_>,
+) -> Option<Admission> {
     match ctx.authz.admit(attrs) {
         Ok(a) => Some(a),
         Err(e) => {

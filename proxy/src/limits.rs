@@ -99,10 +99,7 @@ pub fn retry_after_secs(e: &Exceeded) -> u64 {
 /// The answer to a request over its limit: `429` with `retry-after`, or for gRPC a
 /// trailers-only `grpc-status: 8` (RESOURCE_EXHAUSTED) with `retry-after`. The limit's name is
 /// not sent (it is in the log and the metric).
-pub fn too_many_requests(
-    grpc: bool,
-    e: &Exceeded,
-) -> http::Response<BoxBody<Bytes, hyper::Error>> {
+pub fn too_many_requests(grpc: bool, e: &Exceeded) -> http::Response<BoxBody<Bytes, hyper::Error>> {
     let body = if grpc {
         Bytes::new()
     } else {

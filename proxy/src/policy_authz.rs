@@ -222,7 +222,11 @@ impl Authorizer for PolicyAuthorizer {
         let compiled = active.policy.load();
         let limits = compiled.limits();
         if limits.is_empty() {
-            return Ok(Admission::new(Default::default(), limits.generation(), None));
+            return Ok(Admission::new(
+                Default::default(),
+                limits.generation(),
+                None,
+            ));
         }
         let mut req = Request::new(Direction::Inbound, Protocol::Tcp);
         req.peer = conn.peer;

@@ -56,7 +56,10 @@ pub fn classify(buf: &[u8]) -> Option<Sniffed> {
     }
     // request-target: visible ASCII up to the next space.
     let rest = &buf[method + 1..];
-    let target = rest.iter().take_while(|&&b| (0x21..=0x7e).contains(&b)).count();
+    let target = rest
+        .iter()
+        .take_while(|&&b| (0x21..=0x7e).contains(&b))
+        .count();
     if target == rest.len() {
         return None;
     }
@@ -71,7 +74,13 @@ pub fn classify(buf: &[u8]) -> Option<Sniffed> {
             7 => b.is_ascii_digit(),
             8 if b == b'\n' => return Some(Sniffed::Http),
             8 => b == b'\r',
-            9 => return Some(if b == b'\n' { Sniffed::Http } else { Sniffed::Opaque }),
+            9 => {
+                return Some(if b == b'\n' {
+                    Sniffed::Http
+                } else {
+                    Sniffed::Opaque
+                })
+            }
             _ => false,
         };
         if !ok {
@@ -194,7 +203,14 @@ mod tests {
 
     #[test]
     fn partial_http_waits_and_anything_else_is_opaque() {
-        for s in [&b"G"[..], b"GET", b"GET /x", b"GET /x HTTP/1.", b"GET / HTTP/1.1\r", b"PRI * HTTP/2"] {
+        for s in [
+            &b"G"[..],
+            b"GET",
+            b"GET /x",
+            b"GET /x HTTP/1.",
+            b"GET / HTTP/1.1\r",
+            b"PRI * HTTP/2",
+        ] {
             assert_eq!(classify(s), None, "{}", s.escape_ascii());
         }
         for s in [
@@ -219,10 +235,14 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         let (v, got) = sniff(&mut a, Duration::from_millis(50)).await.unwrap();
         assert_eq!((v, got.len()), (Sniffed::Opaque, 0));
-        tokio::io::AsyncWriteExt::write_all(&mut b, b"GET /x HT").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"GET /x HT")
+            .await
+            .unwrap();
         let t = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            tokio::io::AsyncWriteExt::write_all(&mut b, b"TP/1.1\r\nrest").await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut b, b"TP/1.1\r\nrest")
+                .await
+                .unwrap();
             b
         });
         let (v, got) = sniff(&mut a, Duration::from_millis(500)).await.unwrap();

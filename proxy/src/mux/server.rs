@@ -342,8 +342,7 @@ async fn stream(
         let Some(mut stream) = req.take().and_then(|r| accept(&mut respond, r)) else {
             return access.refused(&ctx.metrics, "closed", "mux: stream reset by the peer");
         };
-        let Some((p, prefix)) =
-            crate::inbound::sniff(&ctx, &access, protocol, &mut stream).await
+        let Some((p, prefix)) = crate::inbound::sniff(&ctx, &access, protocol, &mut stream).await
         else {
             return stream.reset();
         };
@@ -380,15 +379,16 @@ async fn stream(
     };
     access.saw_inbound(&attrs, crate::policy::Protocol::Tcp);
     // Refusals: before the stream was accepted a status (or RST_STREAM), after it a reset.
-    let refuse = |respond: &mut SendResponse<Bytes>, sniffed: Option<(H2Stream, Vec<u8>)>, status| {
-        match sniffed {
-            Some((mut stream, _)) => stream.reset(),
-            None if status == StatusCode::TOO_MANY_REQUESTS => {
-                respond.send_reset(Reason::REFUSED_STREAM)
+    let refuse =
+        |respond: &mut SendResponse<Bytes>, sniffed: Option<(H2Stream, Vec<u8>)>, status| {
+            match sniffed {
+                Some((mut stream, _)) => stream.reset(),
+                None if status == StatusCode::TOO_MANY_REQUESTS => {
+                    respond.send_reset(Reason::REFUSED_STREAM)
+                }
+                None => answer(respond, status),
             }
-            None => answer(respond, status),
-        }
-    };
+        };
     let (verdict, open) = ctx.authz.authorize_inbound_open(&attrs);
     if !access.decided(&ctx.metrics, DIR, &verdict) {
         refuse(&mut respond, sniffed, StatusCode::FORBIDDEN);
@@ -402,8 +402,7 @@ async fn stream(
         return refuse(&mut respond, sniffed, StatusCode::TOO_MANY_REQUESTS);
     };
     let prefix = sniffed.as_ref().map(|s| s.1.as_slice()).unwrap_or_default();
-    let Some(app) =
-        crate::inbound::connect_app_with(&ctx, &access, facts.app_port, prefix).await
+    let Some(app) = crate::inbound::connect_app_with(&ctx, &access, facts.app_port, prefix).await
     else {
         return refuse(&mut respond, sniffed, StatusCode::BAD_GATEWAY);
     };

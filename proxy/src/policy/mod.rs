@@ -280,6 +280,9 @@ impl CompiledPolicy {
             },
             "settings": self.settings,
             "policies": self.summary,
+            "limits": self.limits.tracked().into_iter().map(|(name, callers, overflowed)| {
+                serde_json::json!({ "name": name, "trackedCallers": callers, "overflowed": overflowed })
+            }).collect::<Vec<_>>(),
         })
     }
 }

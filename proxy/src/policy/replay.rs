@@ -78,7 +78,11 @@ impl Report {
 }
 
 /// The record as an attempt for the limit simulation (`None`: no readable time).
-fn attempt(rec: &AccessRecord, peer: Option<svidcar_agent::SpiffeId>, source: &str) -> Option<Attempt> {
+fn attempt(
+    rec: &AccessRecord,
+    peer: Option<svidcar_agent::SpiffeId>,
+    source: &str,
+) -> Option<Attempt> {
     let end = parse_time_ms(&rec.time)?;
     let start = end - i64::try_from(rec.duration_ms).unwrap_or(0);
     Some(Attempt {
@@ -173,7 +177,10 @@ pub fn replay<'a>(
                 *report.skipped.entry(why).or_default() += 1;
                 if http_port_connection(rec) {
                     let local = rec.local_id.as_deref().unwrap_or_default();
-                    let peer = rec.peer_id.as_deref().map(svidcar_agent::SpiffeId::parse_lenient);
+                    let peer = rec
+                        .peer_id
+                        .as_deref()
+                        .map(svidcar_agent::SpiffeId::parse_lenient);
                     if let (false, Some(Ok(_)) | None) = (local.is_empty(), &peer) {
                         match attempt(rec, peer.and_then(Result::ok), &source) {
                             Some(a) => attempts.entry(local.to_string()).or_default().push(a),
@@ -194,7 +201,10 @@ pub fn replay<'a>(
         report.replayed += 1;
         if d.allow && rec.direction == Direction::Inbound && !policy.limits().is_empty() {
             match attempt(rec, r.peer().cloned(), &source) {
-                Some(a) => attempts.entry(r.local.as_str().to_string()).or_default().push(a),
+                Some(a) => attempts
+                    .entry(r.local.as_str().to_string())
+                    .or_default()
+                    .push(a),
                 None => report.limits_untimed += 1,
             }
         }
@@ -236,7 +246,9 @@ pub fn replay<'a>(
             continue;
         };
         let policy = compiled.entry(local).or_insert_with(|| set.compile(&id));
-        report.limits.extend(simulate(policy.limits(), &list, examples));
+        report
+            .limits
+            .extend(simulate(policy.limits(), &list, examples));
     }
     report
 }

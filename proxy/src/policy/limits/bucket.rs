@@ -178,7 +178,9 @@ impl LimitState {
             return e.clone();
         }
         if shard.map.len() >= self.per_shard {
-            let due = shard.swept.is_none_or(|t| now.saturating_sub(t) >= SWEEP_EVERY);
+            let due = shard
+                .swept
+                .is_none_or(|t| now.saturating_sub(t) >= SWEEP_EVERY);
             if due {
                 let n = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
                 shard

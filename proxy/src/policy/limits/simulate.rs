@@ -80,7 +80,11 @@ pub fn parse_time_ms(t: &str) -> Option<i64> {
 }
 
 /// Plays `attempts` (of one local ID, under the candidate's `limits`) in time order.
-pub fn simulate(limits: &CompiledLimits, attempts: &[Attempt], examples: usize) -> Vec<LimitOutcome> {
+pub fn simulate(
+    limits: &CompiledLimits,
+    attempts: &[Attempt],
+    examples: usize,
+) -> Vec<LimitOutcome> {
     if limits.is_empty() || attempts.is_empty() {
         return Vec::new();
     }
@@ -129,7 +133,13 @@ pub fn simulate(limits: &CompiledLimits, attempts: &[Attempt], examples: usize) 
             }
         } else if let Some(bucket) = limits.request_bucket(&req, now) {
             let hit = bucket.take(now).is_err().then_some(&a.example);
-            count(&mut out, &bucket.name, LimitKind::RequestsPerSecond, hit, examples);
+            count(
+                &mut out,
+                &bucket.name,
+                LimitKind::RequestsPerSecond,
+                hit,
+                examples,
+            );
         }
     }
     out.into_values().collect()

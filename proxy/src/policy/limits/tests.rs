@@ -43,10 +43,19 @@ fn invalid_limits_reject_the_set() {
         ("- {name: a, requestsPerSecond: -1}\n", "above 0"),
         ("- {name: a, connections: 0}\n", "above 0"),
         ("- {name: 'a b', connections: 1}\n", "must be 1-253"),
-        ("- {name: a, connections: 1, from: []}\n", "matches no caller"),
-        ("- {name: a, connections: 1, ports: []}\n", "matches no port"),
+        (
+            "- {name: a, connections: 1, from: []}\n",
+            "matches no caller",
+        ),
+        (
+            "- {name: a, connections: 1, ports: []}\n",
+            "matches no port",
+        ),
         ("- {name: a, connections: 1, rps: 3}\n", "unknown field"),
-        ("- {name: a, connections: 1}\n- {name: a, connections: 2}\n", "duplicate limit name"),
+        (
+            "- {name: a, connections: 1}\n- {name: a, connections: 2}\n",
+            "duplicate limit name",
+        ),
     ] {
         let err = set(yaml).expect_err(yaml);
         assert!(err.contains(needle), "{yaml}: {err}");
@@ -71,7 +80,10 @@ fn the_first_matching_limit_of_each_kind_applies() {
     let (web, other) = (id("spiffe://td/web"), id("spiffe://td/other"));
     let l = p.limits();
     let names = |r: &Request| -> Vec<(String, LimitKind)> {
-        l.describe(r).into_iter().map(|a| (a.name, a.kind)).collect()
+        l.describe(r)
+            .into_iter()
+            .map(|a| (a.name, a.kind))
+            .collect()
     };
     assert_eq!(
         names(&req(Some(&web), 8080)),
@@ -244,9 +256,13 @@ fn replay_times_parse_back_and_the_bucket_runs_on_them() {
     let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_738_000_123_456);
     let text = crate::access_log::rfc3339(t);
     assert_eq!(parse_time_ms(&text), Some(1_738_000_123_456), "{text}");
-    assert_eq!(parse_time_ms("2024-02-29T00:00:00Z"), Some(1_709_164_800_000));
+    assert_eq!(
+        parse_time_ms("2024-02-29T00:00:00Z"),
+        Some(1_709_164_800_000)
+    );
     assert_eq!(parse_time_ms("yesterday"), None);
-    let p = compiled("- {name: rps, requestsPerSecond: 5, burst: 5}\n- {name: two, connections: 2}\n");
+    let p =
+        compiled("- {name: rps, requestsPerSecond: 5, burst: 5}\n- {name: two, connections: 2}\n");
     let a = id("spiffe://td/a");
     let at = |ms: i64, end: Option<i64>| Attempt {
         example: Example {
@@ -262,7 +278,12 @@ fn replay_times_parse_back_and_the_bucket_runs_on_them() {
     };
     // 20 requests within 100 ms: 5 pass; then 3 overlapping connections and a later one.
     let mut list: Vec<Attempt> = (0..20).map(|i| at(1000 + i * 5, None)).collect();
-    list.extend([at(0, Some(500)), at(10, Some(500)), at(20, Some(30)), at(600, Some(700))]);
+    list.extend([
+        at(0, Some(500)),
+        at(10, Some(500)),
+        at(20, Some(30)),
+        at(600, Some(700)),
+    ]);
     let out = simulate(p.limits(), &list, 2);
     let rps = out.iter().find(|o| o.limit == "rps").unwrap();
     assert_eq!((rps.applied, rps.exceeded), (20, 15));
