@@ -30,34 +30,9 @@ use tokio::sync::Mutex;
 
 use crate::authz::{EgressAttrs, EgressHttp, Verdict};
 use crate::context::ProxyContext;
-use crate::http_authority::reason;
+use crate::http_authority::{canonical, reason};
 
 type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Whether `h` is a `Host` value: `host[:port]` with a DNS-style name, an IPv4 address or a
-/// bracketed IPv6 address; no userinfo, no second name.
-fn valid_host(h: &str) -> bool {
-    let (host, port) = match h.strip_prefix('[') {
-        Some(rest) => match rest.split_once(']') {
-            Some((v6, port)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => ("v6", port),
-            _ => return false,
-        },
-        None => match h.split_once(':') {
-            Some((host, port)) => (host, &h[host.len()..][..1 + port.len()]),
-            None => (h, ""),
-        },
-    };
-    let port_ok = match port.strip_prefix(':') {
-        Some("") => true,
-        Some(p) => p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok(),
-        None => port.is_empty(),
-    };
-    let name_ok = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
-    port_ok && name_ok
-}
 
 /// Per-connection state shared by the requests of one application connection.
 struct Conn {
@@ -150,9 +125,10 @@ impl Conn {
             // An empty Host (RFC 9112 §3.2: no authority) names no host.
             None => None,
             Some(v) if v.is_empty() => None,
-            Some(v) => match v.to_str().ok().filter(|h| valid_host(h)) {
-                Some(h) => Some(h.to_string()),
-                None => return bad(reason::INVALID, "bad Host header\n"),
+            // The same refusals as inbound (crate::http_authority::canonical).
+            Some(v) => match v.to_str().map_err(|_| reason::INVALID).and_then(canonical) {
+                Ok(_) => v.to_str().ok().map(str::to_string),
+                Err(why) => return bad(why, "bad Host header\n"),
             },
         };
         let authority = req.uri().authority().cloned();
@@ -381,8 +357,9 @@ mod tests {
 
     #[test]
     fn host_values() {
+        // Egress refuses the Host values inbound refuses (one function).
         for ok in ["a.test", "A.Test.:8080", "[::1]:80", "192.0.2.1", "x"] {
-            assert!(valid_host(ok), "{ok}");
+            assert!(canonical(ok).is_ok(), "{ok}");
         }
         for bad in [
             "u@a.test",
@@ -391,8 +368,10 @@ mod tests {
             "a b",
             "a.test:x",
             "a.test?",
+            ".a.test",
+            "a.test:",
         ] {
-            assert!(!valid_host(bad), "{bad}");
+            assert!(canonical(bad).is_err(), "{bad}");
         }
     }
 }
