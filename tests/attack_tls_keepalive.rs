@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +59,10 @@ fn get(tls: &mut Tls, path: &str) -> Result<(u16, String), String> {
         match tls.read_line(&mut line) {
             Ok(0) => return Err(format!("closed ({head:?})")),
             Ok(_) => {}
+            // The proxy must close, not leave the connection hanging.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the connection hangs instead of being closed ({head:?})")
+            }
             Err(e) => return Err(format!("read: {e} ({head:?})")),
         }
         if line.trim_end().is_empty() {
@@ -214,7 +218,8 @@ async fn stream_get(
                 let _ = body.flow_control().release_capacity(chunk.len());
                 got.extend_from_slice(&chunk);
             }
-            _ => return 0,
+            Ok(_) => return 0,
+            Err(_) => panic!("the stream hangs instead of being closed"),
         }
     }
 }

@@ -416,22 +416,25 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
     let (stream, back) = crate::linger::hand_back(stream);
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    let mut draining = false;
-    let served = loop {
-        tokio::select! {
-            r = conn.as_mut() => break r.map_err(|e| e.to_string()),
-            _ = closing.notified(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = sleep_until_some(expiry), if !draining => {
-                tracing::info!(src = %log_facts.src,
-                    peer_id = log_facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"),
-                    reason = peer_trust::REASON, "http: the peer's SVID expired; closing the connection");
-                draining = true;
-                conn.as_mut().graceful_shutdown();
+    // In a block: the connection (and the stream it holds) is dropped before `back` resolves.
+    let served = {
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => break r.map_err(|e| e.to_string()),
+                _ = closing.notified(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = sleep_until_some(expiry), if !draining => {
+                    tracing::info!(src = %log_facts.src,
+                        peer_id = log_facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+                        reason = peer_trust::REASON, "http: the peer's SVID expired; closing the connection");
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
         }
     };
