@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::authz::{Authorizer, ConnAttrs, Verdict};
 use crate::http_authority::{request_authority, set_xfcc};
 use crate::metrics::Metrics;
+use crate::peer_trust::{self, PeerTrust};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -103,6 +104,8 @@ pub struct ConnFacts {
     pub app_port: u16,
     /// mTLS?
     pub tls: bool,
+    /// The mTLS peer, checked before every request (None: plaintext on a permissive port).
+    pub trust: Option<Arc<PeerTrust>>,
 }
 
 fn denied(grpc: bool) -> Response<Body> {
@@ -220,6 +223,30 @@ impl H2Upstream {
     }
 }
 
+/// A request of a peer that is no longer trusted (SVID expired, trust domain gone): answered
+/// as denied, logged and counted with [`peer_trust::REASON`]; the caller closes the connection.
+fn untrusted(
+    req: &Request<Incoming>,
+    facts: &ConnFacts,
+    metrics: &Metrics,
+    grpc: bool,
+    why: &str,
+) -> Response<Body> {
+    metrics.http_refused("inbound", peer_trust::REASON);
+    tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
+        peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method = %req.method(),
+        reason = peer_trust::REASON, detail = %why, outcome = "refused", status = if grpc { 200 } else { 403 },
+        "request refused: {why}; closing the connection");
+    let mut resp = denied(grpc);
+    if req.version() < http::Version::HTTP_2 {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
 async fn one_request(
     mut req: Request<Incoming>,
     facts: &ConnFacts,
@@ -227,12 +254,18 @@ async fn one_request(
     metrics: &Metrics,
     clients: &AppClients,
     h2_upstream: &H2Upstream,
+    close: &tokio::sync::Notify,
 ) -> Response<Body> {
     let grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
+    // The connection outlives the peer's SVID: every request checks it is still trusted.
+    if let Some(Err(why)) = facts.trust.as_ref().map(|t| t.check()) {
+        close.notify_one();
+        return untrusted(&req, facts, metrics, grpc, &why);
+    }
     // Owned: the request's parts are rewritten below.
     let raw = req
         .uri()
@@ -335,6 +368,8 @@ async fn one_request(
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `stream` until the peer closes, authorizing each request.
+/// With `facts.trust`, the connection is closed gracefully (HTTP/2: GOAWAY; HTTP/1: after the
+/// request in flight) at the peer's expiry or after a request found the peer untrusted.
 /// `header_timeout` (`limits.header_timeout`) is the longest an HTTP/1 peer may take to send one
 /// request's headers (hyper starts the clock when it waits for a request, so an idle keep-alive
 /// connection is also closed after it).
@@ -350,14 +385,21 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let h2_upstream = Arc::new(H2Upstream::new(facts.app_port));
+    let expiry = facts
+        .trust
+        .as_ref()
+        .map(|t| tokio::time::Instant::now() + t.expires_in());
     let facts = Arc::new(facts);
+    let close = Arc::new(tokio::sync::Notify::new());
+    let (log_facts, closing) = (facts.clone(), close.clone());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (facts, authz, metrics, clients, h2_upstream) = (
+        let (facts, authz, metrics, clients, h2_upstream, close) = (
             facts.clone(),
             authz.clone(),
             metrics.clone(),
             clients.clone(),
             h2_upstream.clone(),
+            close.clone(),
         );
         async move {
             let resp = one_request(
@@ -367,6 +409,7 @@ where
                 &metrics,
                 &clients,
                 &h2_upstream,
+                &close,
             )
             .await;
             Ok::<_, Infallible>(resp)
@@ -380,13 +423,39 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
     let (stream, back) = crate::linger::hand_back(stream);
-    let served = builder
-        .serve_connection(TokioIo::new(stream), svc)
-        .await
-        .map_err(|e| e.to_string());
+    // In a block: the connection (and the stream it holds) is dropped before `back` resolves.
+    let served = {
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => break r.map_err(|e| e.to_string()),
+                _ = closing.notified(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = sleep_until_some(expiry), if !draining => {
+                    tracing::info!(src = %log_facts.src,
+                        peer_id = log_facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+                        reason = peer_trust::REASON, "http: the peer's SVID expired; closing the connection");
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    };
     // hyper has dropped the connection: close it without a reset destroying the last response.
     if let Ok(stream) = back.await {
         crate::linger::linger(stream).await;
     }
     served
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

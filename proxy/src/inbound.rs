@@ -25,6 +25,7 @@ use crate::context::{reset, Access, ProxyContext};
 use crate::copy;
 use crate::detect::{detect, Detected};
 use crate::http::ConnFacts;
+use crate::peer_trust::PeerTrust;
 
 /// How long a permissive port waits for a first byte before treating the connection as a
 /// server-first plaintext protocol.
@@ -154,6 +155,7 @@ pub async fn handle(
                     dst,
                     app_port,
                     tls: false,
+                    trust: None,
                 };
                 return Box::pin(serve_http(&ctx, stream, facts, access)).await;
             }
@@ -278,6 +280,21 @@ pub async fn handle(
                 return;
             }
             if protocol == Protocol::Http {
+                // Every request checks the peer is still trusted (crate::peer_trust).
+                let trust = PeerTrust::of(
+                    ctx.creds.clone(),
+                    tls.get_ref().1,
+                    peer.clone(),
+                    own.generation,
+                );
+                let Some(trust) = trust else {
+                    access.refused(
+                        &ctx.metrics,
+                        "handshake_failed",
+                        "invalid_certificate: cannot read the peer certificate's validity",
+                    );
+                    return reset(tls.into_inner().0);
+                };
                 let facts = ConnFacts {
                     peer: Some(peer),
                     own: own.id.clone(),
@@ -285,6 +302,7 @@ pub async fn handle(
                     dst,
                     app_port,
                     tls: true,
+                    trust: Some(Arc::new(trust)),
                 };
                 return Box::pin(serve_http(&ctx, tls, facts, access)).await;
             }

@@ -25,6 +25,7 @@ pub mod linger;
 pub mod metrics;
 pub mod mux;
 pub mod outbound;
+pub mod peer_trust;
 pub mod policy_authz;
 pub mod policy_change;
 pub mod server;

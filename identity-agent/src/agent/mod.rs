@@ -166,6 +166,9 @@ pub async fn run(
     let config = Arc::new(config);
     file_safety::prepare_socket_dir(&config.socket)?;
     file_safety::prepare_state_dir(&config.state_dir)?;
+    if let config::CaSource::Upstream { cert, key, bundle } = &config.ca {
+        file_safety::check_upstream_files(cert, key, bundle.as_deref())?;
+    }
     warn_path_only_entries(&config.entries);
     let metrics = Arc::new(Metrics::new());
     let mut cas = CaSet::load(
