@@ -103,6 +103,8 @@ pub struct ConnFacts {
     pub app_port: u16,
     /// mTLS?
     pub tls: bool,
+    /// The app speaks HTTP/2 (`app_protocol: h2`); else HTTP/1.1, except for gRPC.
+    pub app_h2: bool,
 }
 
 fn denied(grpc: bool) -> Response<Body> {
@@ -190,6 +192,7 @@ async fn one_request(
     };
     metrics.decision("inbound", verdict.allow, &verdict.rule);
     let (method, path) = (attrs.method.to_string(), path.to_string());
+    let authority = host.map(str::to_owned);
     if !verdict.allow {
         tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
             peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method = %method, path = %path,
@@ -210,10 +213,19 @@ async fn one_request(
         Ok(u) => u,
         Err(e) => return bad_gateway(format!("bad request target: {e}")),
     };
-    let h2 = parts.version == http::Version::HTTP_2;
-    if !h2 {
-        parts.version = http::Version::HTTP_11;
+    // What the app speaks, whatever the client spoke (gRPC exists only over HTTP/2).
+    let h2 = facts.app_h2 || grpc;
+    if !h2 && parts.headers.get(http::header::HOST).is_none() {
+        // An HTTP/2 request carries its authority in `:authority`; HTTP/1.1 needs `Host`.
+        if let Some(Ok(host)) = authority.as_deref().map(http::HeaderValue::from_str) {
+            parts.headers.insert(http::header::HOST, host);
+        }
     }
+    parts.version = if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
     let req = Request::from_parts(parts, body);
     let resp = if h2 {
         clients.h2.request(req).await

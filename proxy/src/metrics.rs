@@ -59,6 +59,19 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of `svidcar_proxy_tls_handshakes_total` (see [`crate::tls_session::TlsFacts`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    /// `inbound` | `outbound`.
+    pub direction: &'static str,
+    /// `TLSv1_3`.
+    pub protocol: &'static str,
+    /// Cipher suite, e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub cipher: &'static str,
+    /// Key-exchange group, e.g. `X25519MLKEM768` or `X25519`.
+    pub group: &'static str,
+}
+
 /// All proxy metrics, cheap to clone (every metric is an `Arc` inside).
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -88,6 +101,8 @@ pub struct Metrics {
     pub mux_connections: Family<DirLabels, Counter>,
     /// Streams (application connections) opened on multiplexed connections.
     pub mux_streams: Family<DirLabels, Counter>,
+    /// Completed TLS handshakes by negotiated protocol, cipher and key-exchange group.
+    pub tls_handshakes: Family<TlsLabels, Counter>,
 }
 
 impl Metrics {
@@ -161,7 +176,24 @@ impl Metrics {
             "Streams (application connections) opened on multiplexed connections",
             self.mux_streams.clone(),
         );
+        r.register(
+            "tls_handshakes",
+            "Completed TLS handshakes by direction, protocol version, cipher suite and key-exchange group",
+            self.tls_handshakes.clone(),
+        );
         root
+    }
+
+    /// Counts a completed handshake with what it negotiated.
+    pub fn tls_handshake(&self, direction: &'static str, tls: &crate::tls_session::TlsFacts) {
+        self.tls_handshakes
+            .get_or_create(&TlsLabels {
+                direction,
+                protocol: tls.protocol,
+                cipher: tls.cipher,
+                group: tls.group,
+            })
+            .inc();
     }
 
     /// Counts a multiplexed connection.
