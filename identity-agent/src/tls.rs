@@ -361,7 +361,9 @@ fn is_old_tls_version(e: &rustls::Error) -> bool {
     matches!(
         e,
         rustls::Error::PeerIncompatible(
-            P::SupportedVersionsExtensionRequired | P::Tls12NotOfferedOrEnabled | P::Tls12NotOffered
+            P::SupportedVersionsExtensionRequired
+                | P::Tls12NotOfferedOrEnabled
+                | P::Tls12NotOffered
         ) | rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)
     )
 }
@@ -434,7 +436,10 @@ mod classify_tests {
             let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
             let (label, msg) = classify_handshake_error(&io);
             assert_eq!(label, "peer_tls12_only");
-            assert!(msg.contains("tls_maximum_protocol_version: TLSv1_3"), "{msg}");
+            assert!(
+                msg.contains("tls_maximum_protocol_version: TLSv1_3"),
+                "{msg}"
+            );
         }
     }
 

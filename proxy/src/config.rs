@@ -558,7 +558,10 @@ impl ProxyConfig {
                 return Err(bad(
                     "inbound.app_protocol",
                     "h2",
-                    format!("applies to http ports only (app port {} is tcp)", i.app_port),
+                    format!(
+                        "applies to http ports only (app port {} is tcp)",
+                        i.app_port
+                    ),
                 ));
             }
         }
@@ -645,6 +648,36 @@ mod tests {
         assert!(c.validate().is_ok());
         let text = serde_yaml_ng::to_string(&c).unwrap();
         assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), c, "{text}");
+    }
+
+    #[test]
+    fn app_protocol_of_http_ports() {
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:http").unwrap();
+        assert_eq!(
+            (i.protocol, i.app_protocol),
+            (Protocol::Http, AppProtocol::Http1)
+        );
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:permissive:h2").unwrap();
+        assert_eq!(
+            (i.protocol, i.app_protocol),
+            (Protocol::Http, AppProtocol::H2)
+        );
+        let y = "inbound: [{listen: 127.0.0.1:1, app_port: 2, protocol: http, app_protocol: h2}]\n";
+        assert!(ProxyConfig::from_yaml(y).unwrap().validate().is_ok());
+        let tcp = ProxyConfig::from_yaml(
+            "inbound: [{listen: 127.0.0.1:1, app_port: 2, app_protocol: h2}]\n",
+        )
+        .unwrap();
+        assert!(tcp
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("http ports only"));
+        let t = "transparent: {protocols: {80: http}, app_protocols: {80: h2}}\n";
+        assert!(ProxyConfig::from_yaml(t).unwrap().validate().is_ok());
+        let t = "transparent: {app_protocols: {80: h2}}\n";
+        assert!(ProxyConfig::from_yaml(t).unwrap().validate().is_err());
+        assert!(ProxyConfig::from_yaml("transparent: {app_protocols: {80: h3}}\n").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod attacker;
 pub mod hostile;
 pub mod netns;
+pub mod peers;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
