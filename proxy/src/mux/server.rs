@@ -109,6 +109,10 @@ pub struct MuxFacts {
     pub app_port: u16,
     /// tcp | http.
     pub protocol: Protocol,
+    /// What the app of an `http` port speaks.
+    pub app_protocol: crate::config::AppProtocol,
+    /// What the carrier's TLS session negotiated (logged with every stream).
+    pub tls: crate::tls_session::TlsFacts,
     /// Concurrent streams accepted.
     pub max_streams: u32,
 }
@@ -259,6 +263,7 @@ async fn stream(
     let mut access = Access::new(DIR, facts.src, facts.dst.to_string());
     access.peer_id = Some(facts.peer.clone());
     access.own_id = Some(facts.own.clone());
+    access.tls = Some(facts.tls);
     if req.method() != Method::CONNECT {
         answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         return access.refused(
@@ -299,6 +304,7 @@ async fn stream(
             app_port: facts.app_port,
             tls: true,
             trust: Some(trust),
+            app_h2: facts.app_protocol == crate::config::AppProtocol::H2,
         };
         return crate::inbound::serve_http(&ctx, stream, conn, access).await;
     }
