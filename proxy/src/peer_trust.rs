@@ -27,6 +27,8 @@ pub const REASON: &str = "peer_invalid";
 pub struct PeerTrust {
     creds: Arc<Credentials>,
     peer: SpiffeId,
+    /// The peer's trust domain, kept so the per-request check allocates nothing.
+    trust_domain: svidcar_agent::TrustDomain,
     chain: Vec<CertificateDer<'static>>,
     not_after: SystemTime,
     /// [`crate::credentials::Installed::generation`] the chain last verified under.
@@ -45,6 +47,7 @@ impl PeerTrust {
     ) -> Self {
         Self {
             creds,
+            trust_domain: peer.trust_domain(),
             peer,
             chain,
             not_after,
@@ -92,10 +95,10 @@ impl PeerTrust {
                 self.peer
             ));
         }
-        let td = self.peer.trust_domain();
+        let td = &self.trust_domain;
         if own
             .bundles
-            .get(&td)
+            .get(td)
             .is_none_or(|b| b.x509_authorities.is_empty())
         {
             return Err(format!(
