@@ -94,8 +94,8 @@ fn parse_x509_bundle(key: &str, der: &[u8]) -> Result<Bundle, ClientError> {
 }
 
 /// Parses one `FetchJWTBundles` value: a plain JWKS. SPIRE's agent sends standard JWKS keys
-/// without `use` (go-spiffe's `jwtbundle` form), svidcar's agent sends `use: jwt-svid`; both are
-/// JWT authorities, and every key needs a `kid`.
+/// without `use` (go-spiffe's `jwtbundle` form), svidcar's agent sends `use: jwt-svid` and
+/// `spiffe_sequence`; both are JWT authorities, and every key needs a `kid`.
 fn parse_jwt_bundle(key: &str, jwks: &[u8]) -> Result<Bundle, ClientError> {
     Bundle::from_jwt_jwks(parse_td_key(key)?, jwks)
         .map_err(|e| ClientError::Invalid(format!("JWT bundle {key}: {e}")))
@@ -452,11 +452,11 @@ mod tests {
             .jwt_authorities
             .contains_key("oXxcqvmmBn3mnVkUqDWmHvESM6ypT6vc"));
         assert!(b.x509_authorities.is_empty());
+        assert_eq!((b.sequence, b.refresh_hint), (0, None));
         let ours = br#"{"keys":[{"use":"jwt-svid","kty":"EC","kid":"k1","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}],"spiffe_sequence":3}"#;
-        assert!(parse_jwt_bundle("a.test", ours)
-            .expect("svidcar's JWT bundle")
-            .jwt_authorities
-            .contains_key("k1"));
+        let ours = parse_jwt_bundle("a.test", ours).expect("svidcar's JWT bundle");
+        assert!(ours.jwt_authorities.contains_key("k1"));
+        assert_eq!(ours.sequence, 3, "svidcar's agent sends spiffe_sequence");
         // Still strict: a key without `kid` cannot verify anything.
         let no_kid = br#"{"keys":[{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
         assert!(parse_jwt_bundle("b.test", no_kid).is_err());
