@@ -11,6 +11,7 @@ bin=${SVIDCAR_SPIRE_BIN:-${HOME:-/root}/.cache/svidcar/spire-$version/bin}
 if [ -x "$bin/spire-server" ] && [ -x "$bin/spire-agent" ]; then
   exit 0
 fi
+command -v go >/dev/null 2>&1 || PATH=$PATH:/usr/local/go/bin
 if ! command -v go >/dev/null 2>&1; then
   echo "warning: no go toolchain: SPIRE $version not built; tests/interop_spire.rs will say so" >&2
   exit 0
