@@ -77,6 +77,7 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+bash tests/spire/install.sh  # SPIRE v1.13.3 for tests/interop_spire.rs, built once into ~/.cache/svidcar
 say "cargo test"
 # Library, binary and integration tests, then doc tests. Benchmarks are compiled by clippy above
 # and run by `benches/compare/run.sh` / `cargo bench`, never as timed tests.
