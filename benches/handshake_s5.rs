@@ -7,6 +7,8 @@
 //! - `svidcar_full_aes128`: as `svidcar_full`, but the client offers only
 //!   TLS_AES_128_GCM_SHA256 (SHA-256 transcript/HKDF instead of SHA-384) — what the suite
 //!   preference costs on CPUs with SHA-NI but no SHA-512 instructions.
+//! - `svidcar_full_x25519`: as `svidcar_full`, but the client offers only X25519 (a classical
+//!   peer, and svidcar before the post-quantum default) — what `X25519MLKEM768` costs.
 //! - `rustls_plain_full`: plain rustls mutual auth with the stock WebPKI verifiers (DNS name
 //!   check, no SPIFFE rules) and the same P-256 keys — the baseline the SPIFFE layer is compared with.
 //!
@@ -112,6 +114,7 @@ struct Setup {
     svidcar_client_full: Arc<ClientConfig>,
     svidcar_client_resume: Arc<ClientConfig>,
     svidcar_client_aes128: Arc<ClientConfig>,
+    svidcar_client_x25519: Arc<ClientConfig>,
     plain_server: Arc<ServerConfig>,
     plain_client: Arc<ClientConfig>,
 }
@@ -142,19 +145,30 @@ fn setup() -> Result<Setup, BoxError> {
     )?)
     .clone();
     full.resumption = Resumption::disabled();
+    // svidcar's client config on a provider of its own, without resumption.
+    let custom = |p: rustls::crypto::CryptoProvider| -> Result<ClientConfig, BoxError> {
+        let mut c = ClientConfig::builder_with_provider(Arc::new(p))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(tls::SpiffeServerVerifier::new(
+                bundles.clone(),
+                expected.clone(),
+            )))
+            .with_client_auth_cert(client_svid.chain.clone(), client_svid.private_key())?;
+        c.alpn_protocols = vec![tls::ALPN_SVIDCAR.to_vec()];
+        c.resumption = Resumption::disabled();
+        Ok(c)
+    };
     let mut aes128_provider = (*tls::provider()).clone();
     aes128_provider
         .cipher_suites
         .retain(|cs| cs.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    let mut aes128 = ClientConfig::builder_with_provider(Arc::new(aes128_provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(tls::SpiffeServerVerifier::new(
-            bundles, expected,
-        )))
-        .with_client_auth_cert(client_svid.chain.clone(), client_svid.private_key())?;
-    aes128.alpn_protocols = vec![tls::ALPN_SVIDCAR.to_vec()];
-    aes128.resumption = Resumption::disabled();
+    let aes128 = custom(aes128_provider)?;
+    let mut x25519_provider = (*tls::provider()).clone();
+    x25519_provider
+        .kx_groups
+        .retain(|g| g.name() == rustls::NamedGroup::X25519);
+    let x25519 = custom(x25519_provider)?;
 
     let provider = tls::provider();
     let mut roots = RootCertStore::empty();
@@ -182,6 +196,7 @@ fn setup() -> Result<Setup, BoxError> {
         svidcar_client_full: Arc::new(full),
         svidcar_client_resume,
         svidcar_client_aes128: Arc::new(aes128),
+        svidcar_client_x25519: Arc::new(x25519),
         plain_server: Arc::new(plain_server),
         plain_client: Arc::new(plain_client),
     })
@@ -217,6 +232,12 @@ fn bench(c: &mut Criterion) {
             &s.svidcar_server,
             &ip,
         ),
+        (
+            "svidcar_full_x25519",
+            &s.svidcar_client_x25519,
+            &s.svidcar_server,
+            &ip,
+        ),
         ("rustls_plain_full", &s.plain_client, &s.plain_server, &dns),
     ] {
         if let Err(e) = one(cc, sc, n) {
@@ -233,6 +254,9 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("svidcar_full_aes128", |b| {
         b.iter(|| one(&s.svidcar_client_aes128, &s.svidcar_server, &ip).is_ok())
+    });
+    g.bench_function("svidcar_full_x25519", |b| {
+        b.iter(|| one(&s.svidcar_client_x25519, &s.svidcar_server, &ip).is_ok())
     });
     g.bench_function("rustls_plain_full", |b| {
         b.iter(|| one(&s.plain_client, &s.plain_server, &dns).is_ok())

@@ -355,6 +355,8 @@ async fn upstream_intermediate_signs_with_its_chain() {
     std::fs::write(&cert_file, format!("{}{}", int.pem(), root.pem())).unwrap();
     let key_file = dir.path().join("int-key.pem");
     std::fs::write(&key_file, int_key.serialize_pem()).unwrap();
+    // The agent refuses an upstream key readable by others (file_safety).
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     let agent = Agent::start_in(
         dir.path(),

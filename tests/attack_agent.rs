@@ -301,6 +301,141 @@ fn state_and_socket_dirs_another_user_controls_are_refused() {
 }
 
 #[test]
+fn upstream_ca_files_another_user_controls_are_refused() {
+    if common::uid() != 0 {
+        common::skip("needs root to chown");
+        return;
+    }
+    let dir = TempDir::new("attack-upstream");
+    let d = dir.path();
+    let td = "svidcar.local";
+    let svidcar = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().expect("svidcar");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (root, nodes) = (d.join("root"), d.join("nodes"));
+    svidcar(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        td,
+        "--out",
+        root.to_str().unwrap(),
+    ]);
+    let issue = [
+        "ca",
+        "issue",
+        "--root-dir",
+        root.to_str().unwrap(),
+        "--trust-domain",
+        td,
+    ];
+    svidcar(
+        &[
+            &issue[..],
+            &["--node", "n1", "--out", nodes.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let (cert, key, bundle) = (
+        nodes.join("n1-cert.pem"),
+        nodes.join("n1-key.pem"),
+        nodes.join("root-cert.pem"),
+    );
+    let (sock, state) = (d.join("agent.sock"), d.join("state"));
+    let args = |key: &Path| {
+        [
+            "--trust-domain",
+            td,
+            "--socket",
+            sock.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--upstream-cert",
+            cert.to_str().unwrap(),
+            "--upstream-key",
+            key.to_str().unwrap(),
+            "--upstream-bundle",
+            bundle.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let check = |key: &Path, want: &[&str]| {
+        let a = args(key);
+        let err = agent_refuses(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        for w in want {
+            assert!(err.contains(w), "want {w:?} in: {err}");
+        }
+        assert!(err.contains("fix:"), "{err}");
+        assert!(!sock.exists(), "refused agent left a socket");
+    };
+    let other = format!("owned by uid {OTHER_UID}");
+    // 1. The intermediate key belongs to another user (who could swap it for their own).
+    chown(&key, OTHER_UID);
+    check(&key, &[key.to_str().unwrap(), &other]);
+    chown(&key, 0);
+    // 2. Ours, but readable by others.
+    chmod(&key, 0o644);
+    check(&key, &[key.to_str().unwrap(), "chmod 600"]);
+    chmod(&key, 0o600);
+    // 3. A symlink to it that another user owns (and can point elsewhere).
+    let link = d.join("key-link.pem");
+    std::os::unix::fs::symlink(&key, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    check(&link, &[link.to_str().unwrap(), &other]);
+    // 4. A bundle anyone may write (and add a root the whole trust domain would trust).
+    chmod(&bundle, 0o666);
+    check(
+        &key,
+        &[bundle.to_str().unwrap(), "writable by group or others"],
+    );
+    chmod(&bundle, 0o644);
+    // 5. The directory holding them belongs to another user (who can rename the files).
+    chown(&nodes, OTHER_UID);
+    check(&key, &[nodes.to_str().unwrap(), &other]);
+    chown(&nodes, 0);
+
+    // Repaired: it starts. A renewal whose key is readable by others is not adopted.
+    let a = args(&key);
+    let agent = Agent::start_in(
+        d,
+        &a[..2]
+            .iter()
+            .chain(&a[6..])
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let tmp = nodes.join("n1-key.pem.new");
+    std::fs::copy(&key, &tmp).unwrap();
+    chmod(&tmp, 0o644);
+    std::fs::rename(&tmp, &key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent
+        .log_text()
+        .contains("keeping the current intermediate")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the unsafe key was not refused:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        agent.log_text().contains("chmod 600"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(!agent
+        .log_text()
+        .contains("reloaded the upstream intermediate"));
+}
+
+#[test]
 fn a_flood_of_idle_connections_from_another_uid_does_not_starve_registered_workloads() {
     let Some(py) = python() else { return };
     if common::which("prlimit").is_none() || common::which("setpriv").is_none() {

@@ -347,6 +347,38 @@ fn plaintext_in_tunnels_never_names_an_unevaluated_host() {
         "host=\"evil.test\"",
         "outcome=\"denied\"",
     ]);
+    assert!(fe.metric_sum(&["http_refused_total", "egress", "authority:host-mismatch"]) >= 1.0);
+
+    // Paths the normalization refuses are `400` (POLICY.md §3), counted with their reason, and
+    // the connection keeps serving; only the allowed request reaches the app.
+    let before = app.count();
+    let mut s = tunnel(proxy, p);
+    s.write_all(b"GET /a%2F..%2Fadmin HTTP/1.1\r\nHost: localhost\r\n\r\nGET /a%zz HTTP/1.1\r\nHost: localhost\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\nGET /ok HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    assert_eq!(statuses(&mut s, 4), [400, 400, 400, 200]);
+    drop(s);
+    let got = String::from_utf8_lossy(&app.bytes_since(before)).into_owned();
+    assert!(got.starts_with("GET /ok HTTP/1.1\r\n"), "{got}");
+    assert!(
+        !got.contains("admin") && !got.contains("%zz") && !got.contains("OPTIONS"),
+        "{got}"
+    );
+    for reason in [
+        "normalize:escaped-slash",
+        "normalize:bad-escape",
+        "normalize:not-absolute",
+    ] {
+        let labels = [
+            "svidcar_proxy_http_refused_total",
+            "direction=\"egress\"",
+            reason,
+        ];
+        assert_eq!(fe.metric_sum(&labels), 1.0, "{reason}: {}", fe.metrics());
+    }
+    fe.wait_log(&[
+        "normalize:escaped-slash",
+        "outcome=\"refused\"",
+        "status=400",
+    ]);
 }
 
 /// `svidcar policy <sub> -f <path> ...`: the exit code and stderr.

@@ -204,8 +204,9 @@ fn xfcc_is_the_sidecars_own_h1_and_plaintext() {
 #[test]
 fn http2_paths_authority_pseudo_headers_and_xfcc() {
     let mesh = Mesh::start("attack-l7-h2", &[]);
+    // The app speaks only HTTP/2 (prior knowledge): the port says so (`h2`), as an operator would.
     let app = RecordingH2App::start();
-    let (_backend, in_port) = backend(&mesh, "h2.yaml", POLICY, app.port, "strict:http");
+    let (_backend, in_port) = backend(&mesh, "h2.yaml", POLICY, app.port, "strict:h2");
     let (_frontend, out) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
     let clear = || app.seen.lock().unwrap().clear();
     let send = |fields: Vec<(String, String)>| h2_send(out, &fields);
@@ -445,7 +446,7 @@ fn http2_paths_authority_pseudo_headers_and_xfcc() {
     );
 
     // Plaintext HTTP/2 on a permissive port: the forged XFCC is removed and none is set.
-    let (_plain, plain_port) = backend(&mesh, "h2-plain.yaml", POLICY, app.port, "permissive:http");
+    let (_plain, plain_port) = backend(&mesh, "h2-plain.yaml", POLICY, app.port, "permissive:h2");
     clear();
     let fields = h2req("public.example", "/public/plain", &forged);
     assert_eq!(h2_send(plain_port, &fields), H2Outcome::Status(200));

@@ -323,6 +323,88 @@ fn check_reports_normalize_refusals_like_the_proxy() {
     let _ = std::fs::remove_dir_all(&keep_dir);
 }
 
+/// `--host` gets the proxy's authority checks: a Host the proxy answers `400` is
+/// `DENY by authority:<reason>` (no rule evaluated), whatever a rule would have said about the
+/// name in it; an accepted one is canonicalized (case, trailing dot, port) like the proxy.
+#[test]
+fn check_host_is_refused_like_the_proxy() {
+    let dir = dir_with("host", &[("p.yaml", SET)]);
+    let check = |direction: &str, host: &str, json: bool| {
+        let mut args = vec![
+            "policy",
+            "check",
+            "-f",
+            dir.to_str().unwrap(),
+            "--local-id",
+            "spiffe://td/ns/shop/sa/catalog",
+            "--direction",
+            direction,
+            "--protocol",
+            "http",
+            "--method",
+            "GET",
+            "--path",
+            "/catalog/x",
+            "--host",
+            host,
+        ];
+        if direction == "egress" {
+            args.extend(["--port", "443"]);
+        } else {
+            args.extend([
+                "--port",
+                "8080",
+                "--peer",
+                "spiffe://td/ns/shop/sa/frontend",
+            ]);
+        }
+        if json {
+            args.extend(["--output", "json"]);
+        }
+        let o = svidcar(&args);
+        assert_eq!(o.status.code(), Some(0), "{host}: {o:?}");
+        stdout(&o)
+    };
+    for (direction, host, want) in [
+        ("egress", "API.Example.COM.:443", "ALLOW by saas/rules[0]"),
+        ("egress", "api.example.com", "ALLOW by saas/rules[0]"),
+        // Each of these names api.example.com to a lax reader; the proxy answers 400.
+        ("egress", "api.example.com:x", "DENY by authority:invalid"),
+        ("egress", "api.example.com:", "DENY by authority:invalid"),
+        (
+            "egress",
+            "api.example.com,evil.test",
+            "DENY by authority:invalid",
+        ),
+        ("egress", "api.example.com/x", "DENY by authority:invalid"),
+        ("egress", "api.example.com%2e", "DENY by authority:invalid"),
+        (
+            "egress",
+            "evil.test@api.example.com",
+            "DENY by authority:userinfo",
+        ),
+        ("inbound", "Catalog.Shop.", "ALLOW by catalog-read/rules[0]"),
+        ("inbound", "", "DENY by authority:invalid"),
+        ("inbound", "a b", "DENY by authority:invalid"),
+    ] {
+        let out = check(direction, host, false);
+        assert_eq!(
+            out.lines().next(),
+            Some(want),
+            "{direction} {host:?}: {out}"
+        );
+        if want.contains("authority:") {
+            assert!(out.contains("none evaluated"), "{host}: {out}");
+        }
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&check("egress", "api.example.com:x", true)).expect("json");
+    assert_eq!(v["decision"], "DENY");
+    assert_eq!(v["rule"], "authority:invalid");
+    assert_eq!(v["rules"], serde_json::json!([]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn lint_reports_l009_to_l011() {
     let set = r#"apiVersion: svidcar.io/v1alpha1

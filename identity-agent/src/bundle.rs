@@ -86,18 +86,7 @@ impl Bundle {
             None => return Err(BundleError::Json("\"keys\" member is missing".into())),
         };
         let mut bundle = Bundle::new(td);
-        bundle.sequence = match obj.get("spiffe_sequence") {
-            None | Some(Value::Null) => 0,
-            Some(v) => v.as_u64().ok_or_else(|| {
-                BundleError::Json("\"spiffe_sequence\" is not a non-negative integer".into())
-            })?,
-        };
-        bundle.refresh_hint = match obj.get("spiffe_refresh_hint") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(Duration::from_secs(v.as_u64().ok_or_else(|| {
-                BundleError::Json("\"spiffe_refresh_hint\" is not a non-negative integer".into())
-            })?)),
-        };
+        (bundle.sequence, bundle.refresh_hint) = spiffe_members(obj)?;
         for (index, key) in keys.iter().enumerate() {
             let bad = |reason: &str| BundleError::BadKey {
                 index,
@@ -157,7 +146,8 @@ impl Bundle {
 
     /// Parses a plain JWT bundle (JWKS of `FetchJWTBundles`, as go-spiffe/SPIRE emit it: keys may
     /// lack `use`). Keys with no `use` or `use` = `jwt-svid` are JWT authorities (a `kid` is
-    /// required); keys with another `use` are ignored. The result has no X.509 authorities.
+    /// required); keys with another `use` are ignored. The result has no X.509 authorities;
+    /// `spiffe_sequence` / `spiffe_refresh_hint` are read when present (as svidcar sends them).
     pub fn from_jwt_jwks(td: TrustDomain, json: &[u8]) -> Result<Self, BundleError> {
         let doc: Value =
             serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
@@ -166,6 +156,9 @@ impl Bundle {
             .and_then(Value::as_array)
             .ok_or_else(|| BundleError::Json("\"keys\" array is missing".into()))?;
         let mut bundle = Bundle::new(td);
+        if let Some(obj) = doc.as_object() {
+            (bundle.sequence, bundle.refresh_hint) = spiffe_members(obj)?;
+        }
         for (index, key) in keys.iter().enumerate() {
             let bad = |reason: String| BundleError::BadKey { index, reason };
             let key = key
@@ -227,6 +220,23 @@ impl Bundle {
             .flat_map(|c| c.as_ref().iter().copied())
             .collect()
     }
+}
+
+/// The optional `spiffe_sequence` (default 0) and `spiffe_refresh_hint` members.
+fn spiffe_members(obj: &Map<String, Value>) -> Result<(u64, Option<Duration>), BundleError> {
+    let sequence = match obj.get("spiffe_sequence") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            BundleError::Json("\"spiffe_sequence\" is not a non-negative integer".into())
+        })?,
+    };
+    let refresh_hint = match obj.get("spiffe_refresh_hint") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(Duration::from_secs(v.as_u64().ok_or_else(|| {
+            BundleError::Json("\"spiffe_refresh_hint\" is not a non-negative integer".into())
+        })?)),
+    };
+    Ok((sequence, refresh_hint))
 }
 
 /// Validates a `use: x509-svid` key and returns its certificate.

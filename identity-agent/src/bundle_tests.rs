@@ -223,4 +223,8 @@ fn plain_jwt_jwks_without_use() {
         ["k1", "k2"]
     );
     assert_eq!(back.jwt_authorities["k1"].jwk["x"], ec_jwk("k1")["x"]);
+    // ... with its spiffe_sequence and refresh hint (svidcar's agent sends them on
+    // FetchJWTBundles; SPIRE's does not, and then they stay 0 / none).
+    assert_eq!(back.sequence, sample().sequence);
+    assert_eq!(back.refresh_hint, sample().refresh_hint);
 }

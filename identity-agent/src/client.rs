@@ -93,6 +93,14 @@ fn parse_x509_bundle(key: &str, der: &[u8]) -> Result<Bundle, ClientError> {
         .map_err(|e| ClientError::Invalid(format!("bundle {key}: {e}")))
 }
 
+/// Parses one `FetchJWTBundles` value: a plain JWKS. SPIRE's agent sends standard JWKS keys
+/// without `use` (go-spiffe's `jwtbundle` form), svidcar's agent sends `use: jwt-svid` and
+/// `spiffe_sequence`; both are JWT authorities, and every key needs a `kid`.
+fn parse_jwt_bundle(key: &str, jwks: &[u8]) -> Result<Bundle, ClientError> {
+    Bundle::from_jwt_jwks(parse_td_key(key)?, jwks)
+        .map_err(|e| ClientError::Invalid(format!("JWT bundle {key}: {e}")))
+}
+
 /// A JWT-SVID as returned by `FetchJWTSVID`.
 #[derive(Clone)]
 pub struct JwtSvidToken {
@@ -251,9 +259,7 @@ impl WorkloadApiClient {
         let msg = s.message().await?.ok_or(ClientError::StreamEnded)?;
         let mut set = BundleSet::new();
         for (k, v) in msg.bundles {
-            let b = Bundle::from_jwks(parse_td_key(&k)?, &v)
-                .map_err(|e| ClientError::Invalid(format!("JWT bundle {k}: {e}")))?;
-            set.insert(b);
+            set.insert(parse_jwt_bundle(&k, &v)?);
         }
         Ok(set)
     }
@@ -423,6 +429,37 @@ mod tests {
         );
         assert!(parse_socket_addr("tcp://1.2.3.4:5").is_err());
         assert!(parse_socket_addr("unix://").is_err());
+    }
+
+    #[test]
+    fn jwt_bundles_as_spire_and_svidcar_send_them() {
+        // SPIRE v1.13's agent: bundleutil.Marshal(.., NoX509SVIDKeys(), StandardJWKS()) — no
+        // `use`, no spiffe_* members, pretty-printed.
+        let spire = br#"{
+    "keys": [
+        {
+            "kty": "EC",
+            "kid": "oXxcqvmmBn3mnVkUqDWmHvESM6ypT6vc",
+            "crv": "P-256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"
+        }
+    ]
+}"#;
+        let b = parse_jwt_bundle("spiffe://b.test", spire).expect("SPIRE's JWT bundle");
+        assert_eq!(b.trust_domain.name(), "b.test");
+        assert!(b
+            .jwt_authorities
+            .contains_key("oXxcqvmmBn3mnVkUqDWmHvESM6ypT6vc"));
+        assert!(b.x509_authorities.is_empty());
+        assert_eq!((b.sequence, b.refresh_hint), (0, None));
+        let ours = br#"{"keys":[{"use":"jwt-svid","kty":"EC","kid":"k1","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}],"spiffe_sequence":3}"#;
+        let ours = parse_jwt_bundle("a.test", ours).expect("svidcar's JWT bundle");
+        assert!(ours.jwt_authorities.contains_key("k1"));
+        assert_eq!(ours.sequence, 3, "svidcar's agent sends spiffe_sequence");
+        // Still strict: a key without `kid` cannot verify anything.
+        let no_kid = br#"{"keys":[{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+        assert!(parse_jwt_bundle("b.test", no_kid).is_err());
     }
 
     #[test]

@@ -348,6 +348,26 @@ pub fn peer_spiffe_id(conn: &CommonState) -> Option<SpiffeId> {
     svid::check_leaf(leaf.as_ref()).ok()
 }
 
+/// What an operator reads when a peer does not speak TLS 1.3 (see [`classify_handshake_error`]).
+pub const OLD_TLS_VERSION: &str = "the peer offers only TLS 1.2 or older; svidcar speaks TLS 1.3 \
+only: set the peer's maximum TLS version to 1.3 (Envoy: common_tls_context.tls_params \
+tls_maximum_protocol_version: TLSv1_3, which Envoy's upstream TLS does not default to)";
+
+/// True for the handshake errors of a peer without TLS 1.3: a TLS 1.2 ClientHello (no
+/// `supported_versions`, or one without 1.3), or a server answering our TLS 1.3-only hello with
+/// a `protocol_version` alert.
+fn is_old_tls_version(e: &rustls::Error) -> bool {
+    use rustls::PeerIncompatible as P;
+    matches!(
+        e,
+        rustls::Error::PeerIncompatible(
+            P::SupportedVersionsExtensionRequired
+                | P::Tls12NotOfferedOrEnabled
+                | P::Tls12NotOffered
+        ) | rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)
+    )
+}
+
 /// A readable reason for a failed handshake (for logs and metric labels): a short, stable
 /// `label` and the full message.
 pub fn classify_handshake_error(err: &std::io::Error) -> (&'static str, String) {
@@ -360,9 +380,11 @@ pub fn classify_handshake_error(err: &std::io::Error) -> (&'static str, String) 
             o.0.downcast_ref::<TlsError>()
                 .map_or_else(|| err.to_string(), |t| t.to_string())
         }
+        Some(e) if is_old_tls_version(e) => OLD_TLS_VERSION.to_string(),
         _ => err.to_string(),
     };
     let label = match inner {
+        Some(e) if is_old_tls_version(e) => "peer_tls12_only",
         Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
         Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) => {
             match o.0.downcast_ref::<TlsError>() {
@@ -400,5 +422,32 @@ mod classify_tests {
             msg,
             "peer certificate rejected: leaf certificate has 2 URI SANs (exactly one is allowed)"
         );
+    }
+
+    #[test]
+    fn a_tls12_only_peer_reads_as_the_fix() {
+        for e in [
+            rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::SupportedVersionsExtensionRequired,
+            ),
+            rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOfferedOrEnabled),
+            rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion),
+        ] {
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+            let (label, msg) = classify_handshake_error(&io);
+            assert_eq!(label, "peer_tls12_only");
+            assert!(
+                msg.contains("tls_maximum_protocol_version: TLSv1_3"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn post_quantum_hybrid_is_preferred_and_x25519_kept() {
+        let p = provider();
+        let names: Vec<_> = p.kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(names[0], rustls::NamedGroup::X25519MLKEM768, "{names:?}");
+        assert!(names.contains(&rustls::NamedGroup::X25519), "{names:?}");
     }
 }

@@ -11,6 +11,7 @@
 //!     mode: strict                          # strict (default) | permissive
 //!     protocol: tcp                         # tcp (default) | http (per-request policy, 403)
 //!                                           # | auto (sniffed: HTTP per request, else TCP)
+//!     app_protocol: http1                   # http ports: what the app speaks, http1 | h2
 //! outbound:                                 # explicit mode: one local plaintext listener per route
 //!   - listen: 127.0.0.1:9000
 //!     upstream: backend.example:8443
@@ -22,6 +23,7 @@
 //!   default_mode: strict
 //!   ports: { 8080: permissive }             # per original port modes
 //!   protocols: { 8080: http }               # per original port protocols (default tcp)
+//!   app_protocols: { 9090: h2 }             # per http port app protocols (default http1)
 //!   destinations:                           # original destination → expected server ID
 //!     - dst: 10.0.0.0/8                     # ip, ip:port, cidr, or cidr with `port:`
 //!       port: 8443
@@ -174,6 +176,20 @@ pub enum Protocol {
     Auto,
 }
 
+/// What the application behind an `http` port speaks. The proxy translates: a client's HTTP/2
+/// request reaches an `http1` app as HTTP/1.1, an HTTP/1.1 request reaches an `h2` app (cleartext
+/// HTTP/2, prior knowledge) as HTTP/2. gRPC requests always reach the app over HTTP/2, the only
+/// transport gRPC is defined on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (default).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext (`h2c`, prior knowledge).
+    H2,
+}
+
 /// An explicit inbound listener: mTLS on `listen`, forwarded to `127.0.0.1:app_port`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -185,13 +201,17 @@ pub struct InboundListener {
     /// strict | permissive.
     #[serde(default)]
     pub mode: InboundMode,
-    /// tcp.
+    /// tcp | http.
     #[serde(default)]
     pub protocol: Protocol,
+    /// `http` ports: what the app speaks (default `http1`).
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
 }
 
 impl InboundListener {
-    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive][:tcp|http|auto]`.
+    /// Parses the flag form `ADDR=APP_PORT[:strict|permissive][:tcp|http|h2|auto]` (`h2`: an
+    /// `http` port whose app speaks HTTP/2; with `auto`, the app of what is detected as HTTP).
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let (addr, rest) = s
             .split_once('=')
@@ -203,11 +223,18 @@ impl InboundListener {
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| bad("--inbound", s, "APP_PORT must be a port number"))?;
         let (mut mode, mut protocol) = (InboundMode::Strict, Protocol::Tcp);
+        let mut app_protocol = AppProtocol::Http1;
         for word in parts {
             match word {
                 "tcp" => protocol = Protocol::Tcp,
                 "http" => protocol = Protocol::Http,
                 "auto" => protocol = Protocol::Auto,
+                "h2" => {
+                    app_protocol = AppProtocol::H2;
+                    if protocol != Protocol::Auto {
+                        protocol = Protocol::Http;
+                    }
+                }
                 other => mode = other.parse()?,
             }
         }
@@ -216,6 +243,7 @@ impl InboundListener {
             app_port,
             mode,
             protocol,
+            app_protocol,
         })
     }
 }
@@ -376,6 +404,9 @@ pub struct TransparentConfig {
     pub ports: BTreeMap<u16, InboundMode>,
     /// Per original inbound port protocols (default tcp).
     pub protocols: BTreeMap<u16, Protocol>,
+    /// Per original `http` port app protocols (default http1).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
     /// Mesh destinations and their expected identities; anything else is passthrough egress.
     pub destinations: Vec<Destination>,
 }
@@ -389,6 +420,7 @@ impl Default for TransparentConfig {
             default_mode: InboundMode::Strict,
             ports: BTreeMap::new(),
             protocols: BTreeMap::new(),
+            app_protocols: BTreeMap::new(),
             destinations: Vec::new(),
         }
     }
@@ -542,6 +574,28 @@ impl ProxyConfig {
                  --admin-allow-remote) to serve it there anyway",
             ));
         }
+        for i in &self.inbound {
+            if i.app_protocol == AppProtocol::H2 && i.protocol == Protocol::Tcp {
+                return Err(bad(
+                    "inbound.app_protocol",
+                    "h2",
+                    format!(
+                        "applies to http and auto ports only (app port {} is tcp)",
+                        i.app_port
+                    ),
+                ));
+            }
+        }
+        for port in self.transparent.app_protocols.keys() {
+            let proto = self.transparent.protocols.get(port);
+            if !matches!(proto, Some(Protocol::Http | Protocol::Auto)) {
+                return Err(bad(
+                    "transparent.app_protocols",
+                    &port.to_string(),
+                    "applies to http and auto ports only: list the port in transparent.protocols as http or auto",
+                ));
+            }
+        }
         self.pool.validate()?;
         if self.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "0", "must be at least 1"));
@@ -625,6 +679,45 @@ mod tests {
         assert!(c.validate().is_ok());
         let text = serde_yaml_ng::to_string(&c).unwrap();
         assert_eq!(ProxyConfig::from_yaml(&text).unwrap(), c, "{text}");
+    }
+
+    #[test]
+    fn app_protocol_of_http_ports() {
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:http").unwrap();
+        assert_eq!(
+            (i.protocol, i.app_protocol),
+            (Protocol::Http, AppProtocol::Http1)
+        );
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:permissive:h2").unwrap();
+        assert_eq!(
+            (i.protocol, i.app_protocol),
+            (Protocol::Http, AppProtocol::H2)
+        );
+        let y = "inbound: [{listen: 127.0.0.1:1, app_port: 2, protocol: http, app_protocol: h2}]\n";
+        assert!(ProxyConfig::from_yaml(y).unwrap().validate().is_ok());
+        let tcp = ProxyConfig::from_yaml(
+            "inbound: [{listen: 127.0.0.1:1, app_port: 2, app_protocol: h2}]\n",
+        )
+        .unwrap();
+        assert!(tcp
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("http and auto ports only"));
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:h2:auto").unwrap();
+        assert_eq!(
+            (i.protocol, i.app_protocol),
+            (Protocol::Auto, AppProtocol::H2)
+        );
+        let i = InboundListener::parse_flag("127.0.0.1:8443=8080:auto:h2").unwrap();
+        assert_eq!(i.protocol, Protocol::Auto);
+        let t = "transparent: {protocols: {80: auto}, app_protocols: {80: h2}}\n";
+        assert!(ProxyConfig::from_yaml(t).unwrap().validate().is_ok());
+        let t = "transparent: {protocols: {80: http}, app_protocols: {80: h2}}\n";
+        assert!(ProxyConfig::from_yaml(t).unwrap().validate().is_ok());
+        let t = "transparent: {app_protocols: {80: h2}}\n";
+        assert!(ProxyConfig::from_yaml(t).unwrap().validate().is_err());
+        assert!(ProxyConfig::from_yaml("transparent: {app_protocols: {80: h3}}\n").is_err());
     }
 
     #[test]

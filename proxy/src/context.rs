@@ -107,6 +107,8 @@ pub struct Access {
     pub own_id: Option<SpiffeId>,
     /// Rule or default that decided, if any.
     pub rule: Option<String>,
+    /// What the mTLS session negotiated (`None`: plaintext, or no handshake yet).
+    pub tls: Option<crate::tls_session::TlsFacts>,
     /// When the connection was accepted.
     pub start: Instant,
     /// The JSON access-log record (only when one is configured, see [`crate::access_log`]).
@@ -125,6 +127,7 @@ impl Access {
             peer_id: None,
             own_id: None,
             rule: None,
+            tls: None,
             start: Instant::now(),
             record,
         }
@@ -181,6 +184,9 @@ impl Access {
             rule = self.rule.as_deref().unwrap_or("-"),
             outcome,
             reason,
+            tls_protocol = self.tls.map_or("-", |t| t.protocol),
+            tls_cipher = self.tls.map_or("-", |t| t.cipher),
+            tls_group = self.tls.map_or("-", |t| t.group),
             duration_ms = self.start.elapsed().as_millis() as u64,
             "connection refused"
         );
@@ -267,6 +273,9 @@ impl Access {
             own_id = self.own_id.as_ref().map(|i| i.as_str()).unwrap_or("-"),
             rule = self.rule.as_deref().unwrap_or("-"),
             outcome = "allowed",
+            tls_protocol = self.tls.map_or("-", |t| t.protocol),
+            tls_cipher = self.tls.map_or("-", |t| t.cipher),
+            tls_group = self.tls.map_or("-", |t| t.group),
             bytes_rx = stats.a_to_b,
             bytes_tx = stats.b_to_a,
             end = %end,

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use rustls::client::ClientSessionStore;
 use rustls::pki_types::{ServerName, UnixTime};
-use rustls::{ClientConfig, CommonState, ServerConfig};
+use rustls::{ClientConfig, CommonState};
 use svidcar_agent::tls::{self, ExpectedPeer, ServerResumption, TlsError};
 use svidcar_agent::{BundleSet, SpiffeId, X509Svid};
 use tokio::sync::watch;
@@ -87,8 +87,8 @@ pub struct Installed {
     pub not_after: SystemTime,
     /// Bundles in force.
     pub bundles: Arc<BundleSet>,
-    /// Inbound config.
-    pub server: Arc<ServerConfig>,
+    /// Inbound configs, one per ALPN profile (chosen per ClientHello).
+    pub servers: crate::tls_session::ServerConfigs,
     clients: HashMap<ExpectedPeer, Arc<ClientConfig>>,
 }
 
@@ -182,12 +182,15 @@ impl Credentials {
                 actual,
             });
         }
-        let mut server = tls::server_config(svid, bundles.clone(), &self.server_resumption)?;
-        if self.mux {
-            let mut s = Arc::unwrap_or_clone(server);
-            s.alpn_protocols = vec![tls::ALPN_SVIDCAR_MUX.to_vec(), tls::ALPN_SVIDCAR.to_vec()];
-            server = Arc::new(s);
-        }
+        // One base config (one verifier, and the guarded session cache and ticketer shared by
+        // every generation), cloned per ALPN profile: built per install, never per connection.
+        let server = tls::server_config(svid, bundles.clone(), &self.server_resumption)?;
+        let mesh_alpn = if self.mux {
+            vec![tls::ALPN_SVIDCAR_MUX.to_vec(), tls::ALPN_SVIDCAR.to_vec()]
+        } else {
+            vec![tls::ALPN_SVIDCAR.to_vec()]
+        };
+        let servers = crate::tls_session::ServerConfigs::new(server, mesh_alpn);
         let mut clients = HashMap::with_capacity(self.client_stores.len());
         for (expected, store) in &self.client_stores {
             let mut cfg =
@@ -215,7 +218,7 @@ impl Credentials {
             not_before: svid.not_before,
             not_after: svid.not_after,
             bundles,
-            server,
+            servers,
             clients,
         });
         self.current.store(Some(installed.clone()));

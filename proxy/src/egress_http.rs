@@ -7,7 +7,10 @@
 //! the request is forwarded in origin form, so the upstream never sees a host that was not
 //! evaluated.
 //!
-//! A denial is `403` with body `RBAC: access denied` and the connection stays open. Request heads
+//! A denial is `403` with body `RBAC: access denied` and the connection stays open. A request
+//! refused before the decision (a path normalization refuses, a `Host` that disagrees with the
+//! target, POLICY.md §3/§4) is `400`, logged and counted in
+//! `svidcar_proxy_http_refused_total{direction="egress",reason}`. Request heads
 //! are bounded (hyper answers `431` over [`crate::egress_connect::MAX_HEAD`]). Protocol upgrades
 //! (WebSocket over plaintext egress) are not forwarded.
 
@@ -27,33 +30,9 @@ use tokio::sync::Mutex;
 
 use crate::authz::{EgressAttrs, EgressHttp, Verdict};
 use crate::context::ProxyContext;
+use crate::http_authority::{canonical, reason};
 
 type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Whether `h` is a `Host` value: `host[:port]` with a DNS-style name, an IPv4 address or a
-/// bracketed IPv6 address; no userinfo, no second name.
-fn valid_host(h: &str) -> bool {
-    let (host, port) = match h.strip_prefix('[') {
-        Some(rest) => match rest.split_once(']') {
-            Some((v6, port)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => ("v6", port),
-            _ => return false,
-        },
-        None => match h.split_once(':') {
-            Some((host, port)) => (host, &h[host.len()..][..1 + port.len()]),
-            None => (h, ""),
-        },
-    };
-    let port_ok = match port.strip_prefix(':') {
-        Some("") => true,
-        Some(p) => p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok(),
-        None => port.is_empty(),
-    };
-    let name_ok = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
-    port_ok && name_ok
-}
 
 /// Per-connection state shared by the requests of one application connection.
 struct Conn {
@@ -68,6 +47,10 @@ struct Conn {
     /// The upstream connection and where it goes.
     upstream: Mutex<Option<(SocketAddr, SendRequest<Incoming>)>>,
 }
+
+/// Why a request is answered without a decision: status, reason label (`400`s are counted in
+/// `svidcar_proxy_http_refused_total`) and the body.
+type Refusal = (StatusCode, &'static str, &'static str);
 
 /// Where one request goes and the name it is decided on.
 struct Target {
@@ -131,33 +114,34 @@ impl Conn {
     /// `host[:port]` are refused (`400`), so the request never names a host that was not
     /// evaluated. An absolute-form request is forwarded in origin form with `Host` set to its
     /// authority (RFC 9112 §3.2.2).
-    async fn target(
-        &self,
-        req: &mut Request<Incoming>,
-    ) -> Result<Target, (StatusCode, &'static str)> {
-        let bad = |m| Err((StatusCode::BAD_REQUEST, m));
+    async fn target(&self, req: &mut Request<Incoming>) -> Result<Target, Refusal> {
+        let bad = |reason, m| Err((StatusCode::BAD_REQUEST, reason, m));
         let mut hosts = req.headers().get_all(http::header::HOST).iter();
         let host = hosts.next();
         if hosts.next().is_some() {
-            return bad("two Host headers\n");
+            return bad(reason::DUPLICATE_HOST, "two Host headers\n");
         }
         let host = match host {
             // An empty Host (RFC 9112 §3.2: no authority) names no host.
             None => None,
             Some(v) if v.is_empty() => None,
-            Some(v) => match v.to_str().ok().filter(|h| valid_host(h)) {
-                Some(h) => Some(h.to_string()),
-                None => return bad("bad Host header\n"),
+            // The same refusals as inbound (crate::http_authority::canonical).
+            Some(v) => match v.to_str().map_err(|_| reason::INVALID).and_then(canonical) {
+                Ok(_) => v.to_str().ok().map(str::to_string),
+                Err(why) => return bad(why, "bad Host header\n"),
             },
         };
         let authority = req.uri().authority().cloned();
         if let (Some(a), Some(h)) = (&authority, &host) {
             if crate::policy::normalize_name(a.host()) != crate::policy::normalize_name(h) {
-                return bad("the Host header names another host than the request target\n");
+                return bad(
+                    reason::MISMATCH,
+                    "the Host header names another host than the request target\n",
+                );
             }
         }
         if authority.as_ref().is_some_and(|a| a.as_str().contains('@')) {
-            return bad("bad request target\n");
+            return bad(reason::USERINFO, "bad request target\n");
         }
         let dst = match self.dst {
             // Transparent or inside a CONNECT tunnel: the destination is fixed.
@@ -165,17 +149,25 @@ impl Conn {
             None => {
                 let Some(auth) = &authority else {
                     return bad(
+                        "egress:not-absolute-form",
                         "svidcar egress proxy: an absolute http:// URI (or CONNECT) is required\n",
                     );
                 };
                 if req.uri().scheme_str() != Some("http") {
-                    return bad("svidcar egress proxy: only http:// URIs (use CONNECT for TLS)\n");
+                    return bad(
+                        "egress:not-http",
+                        "svidcar egress proxy: only http:// URIs (use CONNECT for TLS)\n",
+                    );
                 }
                 let port = auth.port_u16().unwrap_or(80);
                 let name = auth.host().trim_start_matches('[').trim_end_matches(']');
                 let dst = crate::egress_connect::resolve(name, port).await;
                 let Some(dst) = dst else {
-                    return Err((StatusCode::BAD_GATEWAY, "cannot resolve the host\n"));
+                    return Err((
+                        StatusCode::BAD_GATEWAY,
+                        "egress:unresolved",
+                        "cannot resolve the host\n",
+                    ));
                 };
                 req.headers_mut().remove("proxy-connection");
                 req.headers_mut().remove(http::header::PROXY_AUTHORIZATION);
@@ -192,13 +184,19 @@ impl Conn {
                 .map(|p| p.as_str())
                 .unwrap_or("/")
                 .parse()
-                .map_err(|_| (StatusCode::BAD_REQUEST, "bad request target\n"))?;
+                .map_err(|_| {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        reason::INVALID,
+                        "bad request target\n",
+                    )
+                })?;
             *req.uri_mut() = origin;
             match http::HeaderValue::from_str(auth.as_str()) {
                 Ok(v) => {
                     req.headers_mut().insert(http::header::HOST, v);
                 }
-                Err(_) => return bad("bad request target\n"),
+                Err(_) => return bad(reason::INVALID, "bad request target\n"),
             }
         }
         Ok(Target {
@@ -207,17 +205,36 @@ impl Conn {
         })
     }
 
+    /// Answers a request refused before the decision; a `400` is logged and counted.
+    fn refuse(&self, req: &Request<Incoming>, (status, why, body): Refusal) -> Response<Body> {
+        if status == StatusCode::BAD_REQUEST {
+            self.ctx.metrics.http_refused("egress", why);
+        }
+        tracing::warn!(target: "access", direction = "egress", protocol = "http", src = %self.src,
+            dst = ?self.dst, own_id = self.own.as_str(), connect = self.connect.as_deref().unwrap_or("-"),
+            method = %req.method(), target = %req.uri().to_string().escape_debug(), reason = why,
+            outcome = "refused", status = status.as_u16(), "request refused");
+        text(status, body)
+    }
+
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let Target { dst, host } = match self.target(&mut req).await {
             Ok(t) => t,
-            Err((status, msg)) => return text(status, msg),
+            Err(refusal) => return self.refuse(&req, refusal),
         };
         let method = req.method().as_str().to_string();
-        // Normalized once: the same path is evaluated and forwarded (POLICY.md §3).
-        let normalized = self.ctx.authz.normalize_path(req.uri().path());
+        // Normalized once: the same path is evaluated and forwarded (POLICY.md §3); a path it
+        // refuses is answered `400` like inbound (POLICY.md §3), never decided.
+        let normalized = match self.ctx.authz.normalize_path(req.uri().path()) {
+            Ok(n) => n,
+            Err(why) => {
+                self.ctx.metrics.decision("egress", false, why);
+                return self.refuse(&req, (StatusCode::BAD_REQUEST, why, "bad request\n"));
+            }
+        };
         let path = match &normalized {
-            Ok(Some(p)) => p.clone(),
-            _ => req.uri().path().to_string(),
+            Some(p) => p.clone(),
+            None => req.uri().path().to_string(),
         };
         let attrs = EgressAttrs {
             own: &self.own,
@@ -234,10 +251,7 @@ impl Conn {
                 path: &path,
             }),
         };
-        let verdict = match &normalized {
-            Err(rule) => Verdict::deny(*rule),
-            Ok(_) => self.ctx.authz.authorize_egress(&attrs),
-        };
+        let verdict: Verdict = self.ctx.authz.authorize_egress(&attrs);
         self.ctx
             .metrics
             .decision("egress", verdict.allow, &verdict.rule);
@@ -270,7 +284,7 @@ impl Conn {
             log("denied", 403, &format!("denied by {}", verdict.rule));
             return text(StatusCode::FORBIDDEN, "RBAC: access denied");
         }
-        if let Ok(Some(p)) = &normalized {
+        if let Some(p) = &normalized {
             if p != req.uri().path() {
                 let query = req
                     .uri()
@@ -350,8 +364,9 @@ mod tests {
 
     #[test]
     fn host_values() {
+        // Egress refuses the Host values inbound refuses (one function).
         for ok in ["a.test", "A.Test.:8080", "[::1]:80", "192.0.2.1", "x"] {
-            assert!(valid_host(ok), "{ok}");
+            assert!(canonical(ok).is_ok(), "{ok}");
         }
         for bad in [
             "u@a.test",
@@ -360,8 +375,10 @@ mod tests {
             "a b",
             "a.test:x",
             "a.test?",
+            ".a.test",
+            "a.test:",
         ] {
-            assert!(!valid_host(bad), "{bad}");
+            assert!(canonical(bad).is_err(), "{bad}");
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::authz::{Authorizer, ConnAttrs, Verdict};
 use crate::http_authority::{request_authority, set_xfcc};
 use crate::metrics::Metrics;
+use crate::peer_trust::{self, PeerTrust};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -103,6 +104,10 @@ pub struct ConnFacts {
     pub app_port: u16,
     /// mTLS?
     pub tls: bool,
+    /// The mTLS peer, checked before every request (None: plaintext on a permissive port).
+    pub trust: Option<Arc<PeerTrust>>,
+    /// The app speaks HTTP/2 (`app_protocol: h2`); else HTTP/1.1, except for gRPC.
+    pub app_h2: bool,
 }
 
 impl ConnFacts {
@@ -256,20 +261,56 @@ fn limited(
     crate::limits::too_many_requests(grpc, e)
 }
 
+/// A request of a peer that is no longer trusted (SVID expired, trust domain gone): answered
+/// as denied, logged and counted with [`peer_trust::REASON`]; the caller closes the connection.
+fn untrusted(
+    req: &Request<Incoming>,
+    facts: &ConnFacts,
+    metrics: &Metrics,
+    grpc: bool,
+    why: &str,
+) -> Response<Body> {
+    metrics.http_refused("inbound", peer_trust::REASON);
+    tracing::warn!(target: "access", direction = "inbound", protocol = "http", src = %facts.src,
+        peer_id = facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"), method = %req.method(),
+        reason = peer_trust::REASON, detail = %why, outcome = "refused", status = if grpc { 200 } else { 403 },
+        "request refused: {why}; closing the connection");
+    let mut resp = denied(grpc);
+    if req.version() < http::Version::HTTP_2 {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+/// What the requests of one downstream connection share: the HTTP/2 connection to the app and
+/// the connection's admission under its caller's limits.
+struct PerConn {
+    h2: H2Upstream,
+    admission: crate::limits::Admission,
+}
+
 async fn one_request(
     mut req: Request<Incoming>,
     facts: &ConnFacts,
     authz: &dyn Authorizer,
     metrics: &Metrics,
     clients: &AppClients,
-    h2_upstream: &H2Upstream,
-    admission: &crate::limits::Admission,
+    upstream: &PerConn,
+    close: &tokio::sync::Notify,
 ) -> Response<Body> {
     let grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
+    // The connection outlives the peer's SVID: every request checks it is still trusted.
+    if let Some(Err(why)) = facts.trust.as_ref().map(|t| t.check()) {
+        close.notify_one();
+        return untrusted(&req, facts, metrics, grpc, &why);
+    }
     // Owned: the request's parts are rewritten below.
     let raw = req
         .uri()
@@ -325,7 +366,7 @@ async fn one_request(
         crate::access_log::finish_request(record, "denied", if grpc { 200 } else { 403 }, None);
         return denied(grpc);
     }
-    if let Err(e) = authz.limit_request(&conn, admission) {
+    if let Err(e) = authz.limit_request(&conn, &upstream.admission) {
         return limited(facts, &e, grpc, (&method, &path, host), record);
     }
     // Forward what was evaluated: the normalized path with the query kept, and the authority.
@@ -334,10 +375,12 @@ async fn one_request(
         None => raw.clone(),
     };
     let (mut parts, body) = req.into_parts();
-    let h2 = parts.version == http::Version::HTTP_2;
+    // What the app speaks, whatever the client spoke (gRPC exists only over HTTP/2).
+    let h2 = facts.app_h2 || grpc;
     parts.headers.remove(http::header::HOST);
     let uri = if h2 {
         // `:authority` is the evaluated authority; no `host` header beside it.
+        parts.version = http::Version::HTTP_2;
         format!("http://{host}{target}")
     } else {
         parts.version = http::Version::HTTP_11;
@@ -353,7 +396,7 @@ async fn one_request(
     };
     let req = Request::from_parts(parts, body);
     let resp = if h2 {
-        h2_upstream.request(req).await
+        upstream.h2.request(req).await
     } else {
         clients.h1.request(req).await.map_err(|e| e.to_string())
     };
@@ -375,6 +418,8 @@ async fn one_request(
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `stream` until the peer closes, authorizing each request.
+/// With `facts.trust`, the connection is closed gracefully (HTTP/2: GOAWAY; HTTP/1: after the
+/// request in flight) at the peer's expiry or after a request found the peer untrusted.
 /// `header_timeout` (`limits.header_timeout`) is the longest an HTTP/1 peer may take to send one
 /// request's headers (hyper starts the clock when it waits for a request, so an idle keep-alive
 /// connection is also closed after it).
@@ -390,17 +435,25 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let h2_upstream = Arc::new(H2Upstream::new(facts.app_port));
+    let per_conn = Arc::new(PerConn {
+        h2: H2Upstream::new(facts.app_port),
+        admission,
+    });
+    let expiry = facts
+        .trust
+        .as_ref()
+        .map(|t| tokio::time::Instant::now() + t.expires_in());
     let facts = Arc::new(facts);
-    let admission = Arc::new(admission);
+    let close = Arc::new(tokio::sync::Notify::new());
+    let (log_facts, closing) = (facts.clone(), close.clone());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (facts, authz, metrics, clients, h2_upstream, admission) = (
+        let (facts, authz, metrics, clients, per_conn, close) = (
             facts.clone(),
             authz.clone(),
             metrics.clone(),
             clients.clone(),
-            h2_upstream.clone(),
-            admission.clone(),
+            per_conn.clone(),
+            close.clone(),
         );
         async move {
             let resp = one_request(
@@ -409,8 +462,8 @@ where
                 authz.as_ref(),
                 &metrics,
                 &clients,
-                &h2_upstream,
-                &admission,
+                &per_conn,
+                &close,
             )
             .await;
             Ok::<_, Infallible>(resp)
@@ -424,13 +477,39 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
     let (stream, back) = crate::linger::hand_back(stream);
-    let served = builder
-        .serve_connection(TokioIo::new(stream), svc)
-        .await
-        .map_err(|e| e.to_string());
+    // In a block: the connection (and the stream it holds) is dropped before `back` resolves.
+    let served = {
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => break r.map_err(|e| e.to_string()),
+                _ = closing.notified(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = sleep_until_some(expiry), if !draining => {
+                    tracing::info!(src = %log_facts.src,
+                        peer_id = log_facts.peer.as_ref().map(|i| i.as_str()).unwrap_or("-"),
+                        reason = peer_trust::REASON, "http: the peer's SVID expired; closing the connection");
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    };
     // hyper has dropped the connection: close it without a reset destroying the last response.
     if let Ok(stream) = back.await {
         crate::linger::linger(stream).await;
     }
     served
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

@@ -52,8 +52,10 @@ pub fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Result<String,
     }
 }
 
-/// `host[:port]` with the host lowercased and one trailing dot removed.
-fn canonical(raw: &str) -> Result<String, &'static str> {
+/// One `Host` value in canonical form: `host[:port]` with the host lowercased and one trailing
+/// dot removed; or why the proxy refuses it (`authority:userinfo`, `authority:invalid`). Used by
+/// inbound and egress HTTP and by `svidcar policy check --host`.
+pub fn canonical(raw: &str) -> Result<String, &'static str> {
     if raw.contains('@') {
         return Err(reason::USERINFO);
     }

@@ -4,7 +4,9 @@
 //! 1. target: the app port and the port's mode (explicit listener, or the original destination
 //!    of a redirected socket in transparent mode);
 //! 2. detect mesh TLS vs plaintext by peeking; plaintext on a `strict` port is reset;
-//! 3. mTLS handshake (with a timeout) on the current credentials; the peer's SPIFFE ID (a
+//! 3. mTLS handshake (with a timeout) on the current credentials, the server config chosen per
+//!    ClientHello ([`crate::tls_session`]: sidecar ALPN, `h2`/`http/1.1` on `http` ports, or
+//!    none — any SPIFFE mTLS client gets in, whatever ALPN it offers); the peer's SPIFFE ID (a
 //!    resumed session's peer chain is verified again, against the bundles and clock of now);
 //! 4. `auto` ports: sniff the first bytes ([`crate::sniff`]) to serve HTTP or TCP;
 //! 5. authorization ([`crate::authz::Authorizer`]); denied → TCP RST; then the caller's limits
@@ -19,15 +21,15 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::TlsAcceptor;
 
 use crate::authz::ConnAttrs;
-use crate::config::{InboundMode, Protocol};
+use crate::config::{AppProtocol, InboundMode, Protocol};
 use crate::context::{reset, Access, ProxyContext};
 use crate::copy;
 use crate::detect::{detect, Detected};
 use crate::http::ConnFacts;
 use crate::limits::Admission;
+use crate::peer_trust::PeerTrust;
 use crate::sniff::{Rewind, Sniffed};
 
 /// How long a permissive port waits for a first byte before treating the connection as a
@@ -47,6 +49,8 @@ pub enum InboundTarget {
         mode: InboundMode,
         /// tcp | http.
         protocol: Protocol,
+        /// What the app of an `http` port speaks.
+        app_protocol: AppProtocol,
     },
     /// Transparent listener: app port = original destination port.
     Transparent {
@@ -56,31 +60,43 @@ pub enum InboundTarget {
         default_mode: InboundMode,
         /// Per-port protocols (default tcp).
         protocols: BTreeMap<u16, Protocol>,
+        /// Per-port app protocols of `http` ports (default http1).
+        app_protocols: BTreeMap<u16, AppProtocol>,
     },
 }
 
 impl InboundTarget {
-    /// (destination as the peer saw it, app port, mode, protocol) for an accepted socket.
+    /// (destination as the peer saw it, app port, mode, protocol, app protocol) for an
+    /// accepted socket.
     fn resolve(
         &self,
         stream: &TcpStream,
-    ) -> std::io::Result<(SocketAddr, u16, InboundMode, Protocol)> {
+    ) -> std::io::Result<(SocketAddr, u16, InboundMode, Protocol, AppProtocol)> {
         match self {
             Self::Explicit {
                 app_port,
                 mode,
                 protocol,
-            } => Ok((stream.local_addr()?, *app_port, *mode, *protocol)),
+                app_protocol,
+            } => Ok((
+                stream.local_addr()?,
+                *app_port,
+                *mode,
+                *protocol,
+                *app_protocol,
+            )),
             Self::Transparent {
                 ports,
                 default_mode,
                 protocols,
+                app_protocols,
             } => {
                 let local = stream.local_addr()?;
                 let dst = crate::sys::original_dst(stream, local.is_ipv6())?;
                 let mode = ports.get(&dst.port()).copied().unwrap_or(*default_mode);
                 let protocol = protocols.get(&dst.port()).copied().unwrap_or_default();
-                Ok((dst, dst.port(), mode, protocol))
+                let app = app_protocols.get(&dst.port()).copied().unwrap_or_default();
+                Ok((dst, dst.port(), mode, protocol, app))
             }
         }
     }
@@ -94,7 +110,7 @@ pub async fn handle(
     src: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
-    let (dst, app_port, mode, protocol) = match target.resolve(&stream) {
+    let (dst, app_port, mode, protocol, app_protocol) = match target.resolve(&stream) {
         Ok(t) => t,
         Err(e) => {
             let a = Access::new(DIR, src, "?".into());
@@ -162,6 +178,8 @@ pub async fn handle(
                     dst,
                     app_port,
                     tls: false,
+                    trust: None,
+                    app_h2: app_protocol == AppProtocol::H2,
                 };
                 let Some(admission) = admit(&ctx, &access, &facts.attrs()) else {
                     return reset(stream);
@@ -201,11 +219,11 @@ pub async fn handle(
                 access.refused_no_identity(&ctx.metrics);
                 return reset(stream);
             };
-            let acceptor = TlsAcceptor::from(own.server.clone());
-            let hs =
-                tokio::time::timeout(ctx.limits.handshake_timeout.0, acceptor.accept(stream)).await;
+            let http_port = protocol == Protocol::Http;
+            let accept = crate::tls_session::accept(stream, &own.servers, http_port);
+            let hs = tokio::time::timeout(ctx.limits.handshake_timeout.0, accept).await;
             let tls = match hs {
-                Ok(Ok(tls)) => tls,
+                Ok(Ok((tls, _profile))) => tls,
                 Ok(Err(e)) => {
                     let (label, msg) = svidcar_agent::tls::classify_handshake_error(&e);
                     ctx.metrics.handshake_failed(DIR, label);
@@ -226,6 +244,9 @@ pub async fn handle(
             };
             let peer = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
             access.peer_id = peer.clone();
+            let negotiated = crate::tls_session::TlsFacts::of(tls.get_ref().1);
+            ctx.metrics.tls_handshake(DIR, &negotiated);
+            access.tls = Some(negotiated);
             if let Err(e) = ctx.creds.recheck_inbound(tls.get_ref().1) {
                 // A resumed session whose restored client chain no longer verifies (expired,
                 // trust domain removed): refused before a byte reaches the app.
@@ -286,6 +307,8 @@ pub async fn handle(
                     dst,
                     app_port,
                     protocol,
+                    app_protocol,
+                    tls: negotiated,
                     max_streams: ctx.mux.max_streams,
                 };
                 Box::pin(crate::mux::server::serve(ctx.clone(), tls, facts)).await;
@@ -298,6 +321,21 @@ pub async fn handle(
                 return reset(tls.into_inner().0);
             };
             if protocol == Protocol::Http {
+                // Every request checks the peer is still trusted (crate::peer_trust).
+                let trust = PeerTrust::of(
+                    ctx.creds.clone(),
+                    tls.get_ref().1,
+                    peer.clone(),
+                    own.generation,
+                );
+                let Some(trust) = trust else {
+                    access.refused(
+                        &ctx.metrics,
+                        "handshake_failed",
+                        "invalid_certificate: cannot read the peer certificate's validity",
+                    );
+                    return reset(tls.into_inner().0);
+                };
                 let facts = ConnFacts {
                     peer: Some(peer),
                     own: own.id.clone(),
@@ -305,6 +343,8 @@ pub async fn handle(
                     dst,
                     app_port,
                     tls: true,
+                    trust: Some(Arc::new(trust)),
+                    app_h2: app_protocol == AppProtocol::H2,
                 };
                 let Some(admission) = admit(&ctx, &access, &facts.attrs()) else {
                     return reset(tls.into_inner().0);

@@ -26,11 +26,13 @@ pub mod linger;
 pub mod metrics;
 pub mod mux;
 pub mod outbound;
+pub mod peer_trust;
 pub mod policy_authz;
 pub mod policy_change;
 pub mod server;
 pub mod sniff;
 pub mod sys;
+pub mod tls_session;
 
 pub mod init;
 pub mod inject;

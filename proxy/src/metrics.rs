@@ -70,6 +70,19 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of `svidcar_proxy_tls_handshakes_total` (see [`crate::tls_session::TlsFacts`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    /// `inbound` | `outbound`.
+    pub direction: &'static str,
+    /// `TLSv1_3`.
+    pub protocol: &'static str,
+    /// Cipher suite, e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub cipher: &'static str,
+    /// Key-exchange group, e.g. `X25519MLKEM768` or `X25519`.
+    pub group: &'static str,
+}
+
 /// All proxy metrics, cheap to clone (every metric is an `Arc` inside).
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -101,6 +114,8 @@ pub struct Metrics {
     pub mux_streams: Family<DirLabels, Counter>,
     /// HTTP requests answered `400` before authorization (path or authority refused).
     pub http_refused: Family<RefusedLabels, Counter>,
+    /// Completed TLS handshakes by negotiated protocol, cipher and key-exchange group.
+    pub tls_handshakes: Family<TlsLabels, Counter>,
 }
 
 impl Metrics {
@@ -179,6 +194,11 @@ impl Metrics {
             "Streams (application connections) opened on multiplexed connections",
             self.mux_streams.clone(),
         );
+        r.register(
+            "tls_handshakes",
+            "Completed TLS handshakes by direction, protocol version, cipher suite and key-exchange group",
+            self.tls_handshakes.clone(),
+        );
         root
     }
 
@@ -186,6 +206,18 @@ impl Metrics {
     pub fn http_refused(&self, direction: &'static str, reason: &'static str) {
         self.http_refused
             .get_or_create(&RefusedLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts a completed handshake with what it negotiated.
+    pub fn tls_handshake(&self, direction: &'static str, tls: &crate::tls_session::TlsFacts) {
+        self.tls_handshakes
+            .get_or_create(&TlsLabels {
+                direction,
+                protocol: tls.protocol,
+                cipher: tls.cipher,
+                group: tls.group,
+            })
             .inc();
     }
 

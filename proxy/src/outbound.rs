@@ -215,6 +215,7 @@ async fn mesh<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
                 lease,
             }) => {
                 access.peer_id = peer_id;
+                access.tls = Some(lease.tls());
                 let mut app = app;
                 let revoked = crate::conn_registry::revoked(open.as_ref());
                 let idle = ctx.limits.idle_timeout.0;
@@ -300,7 +301,11 @@ async fn handshake<A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy>(
     let _ = tcp.set_nodelay(true);
     let connector = TlsConnector::from(config);
     match tokio::time::timeout(ctx.limits.handshake_timeout.0, connector.connect(name, tcp)).await {
-        Ok(Ok(t)) => Ok(t),
+        Ok(Ok(t)) => {
+            let negotiated = crate::tls_session::TlsFacts::of(t.get_ref().1);
+            ctx.metrics.tls_handshake("outbound", &negotiated);
+            Ok(t)
+        }
         Ok(Err(e)) => {
             let (label, msg) = svidcar_agent::tls::classify_handshake_error(&e);
             ctx.metrics.handshake_failed("outbound", label);
@@ -328,10 +333,32 @@ async fn plain(
     open: Option<&crate::conn_registry::OpenConn>,
 ) {
     access.peer_id = svidcar_agent::tls::peer_spiffe_id(tls.get_ref().1);
+    access.tls = Some(crate::tls_session::TlsFacts::of(tls.get_ref().1));
     let (mut app, mut tls) = (app, tls);
     let revoked = crate::conn_registry::revoked(open);
     let idle = ctx.limits.idle_timeout.0;
     let stats = copy::copy_bidirectional_until(&mut app, &mut tls, idle, revoked).await;
+    let refusal = stats
+        .failed()
+        .then(|| crate::tls_session::peer_refusal(tls.get_mut().1, stats.b_to_a))
+        .flatten();
+    if let Some(alert) = refusal {
+        // TLS 1.3: the server checks our certificate after our handshake is done; its verdict
+        // is this alert, not a connection that ran.
+        let alert = alert.as_str().unwrap_or("unknown");
+        ctx.metrics.handshake_failed("outbound", "refused_by_peer");
+        access.refused(
+            &ctx.metrics,
+            "refused_by_peer",
+            &format!(
+                "the server refused the connection right after the handshake with TLS alert \
+                 {alert} (typically: it does not accept our client certificate; is our trust \
+                 domain's bundle in its trust store, and our SPIFFE ID allowed?)"
+            ),
+        );
+        reset(app);
+        return reset(tls.into_inner().0);
+    }
     access.finished(&ctx.metrics, &stats);
     if stats.failed() {
         // One side broke (e.g. the peer reset): tell the app with a reset, not a clean EOF.

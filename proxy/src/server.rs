@@ -112,8 +112,9 @@ impl Proxy {
                 app_port: i.app_port,
                 mode: i.mode,
                 protocol: i.protocol,
+                app_protocol: i.app_protocol,
             };
-            described.push(serde_json::json!({"kind": "inbound", "listen": l.local_addr().ok(), "app_port": i.app_port, "mode": i.mode, "protocol": i.protocol}));
+            described.push(serde_json::json!({"kind": "inbound", "listen": l.local_addr().ok(), "app_port": i.app_port, "mode": i.mode, "protocol": i.protocol, "app_protocol": i.app_protocol}));
             listeners.push(Listener::Inbound(l, Arc::new(target)));
         }
         for r in &config.outbound {
@@ -140,6 +141,7 @@ impl Proxy {
                 ports: t.ports.clone(),
                 default_mode: t.default_mode,
                 protocols: t.protocols.clone(),
+                app_protocols: t.app_protocols.clone(),
             };
             let target = Arc::new(target);
             if let Some(l6) = ipv6_companion(t.inbound_addr) {

@@ -87,7 +87,8 @@ struct CheckArgs {
     /// evaluation; a path the proxy refuses is `DENY by normalize:<reason>`).
     #[arg(long)]
     path: Option<String>,
-    /// HTTP Host.
+    /// HTTP Host (checked like the proxy does: a value it answers `400` is
+    /// `DENY by authority:<reason>`; then lowercased, port and trailing dot removed).
     #[arg(long)]
     host: Option<String>,
     /// HTTP header NAME=VALUE (repeatable; repeated names are joined with ",").
@@ -179,6 +180,21 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         DirectionArg::Inbound => Direction::Inbound,
         DirectionArg::Egress => Direction::Egress,
     };
+    // As in the proxy, the authority is checked first, then the path. A Host the proxy refuses
+    // (answered `400`) is reported as `DENY by authority:<reason>`; an empty one names no host
+    // on egress (RFC 9112 §3.2) and is refused inbound.
+    let host = match a.host.as_deref() {
+        Some("") if direction == Direction::Egress => None,
+        Some(h) => match svidcar_proxy::http_authority::canonical(h) {
+            Ok(h) => Some(normalize_name(&h).into_owned()),
+            Err(reason) => {
+                eprintln!("svidcar: the proxy refuses Host {h:?} ({reason})");
+                print_explanation(a.output, &Explanation::refused_for(reason), &[])?;
+                return Ok(ExitCode::SUCCESS);
+            }
+        },
+        None => None,
+    };
     // A path the proxy refuses (answered `400`) is reported as `DENY by normalize:<reason>`.
     let path = match a
         .path
@@ -212,7 +228,6 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         }
         None => (None, None),
     };
-    let host = a.host.as_deref().map(|h| normalize_name(h).into_owned());
     let sni = a.sni.as_deref().map(|h| normalize_name(h).into_owned());
     let mut req = Request::new(direction, protocol);
     req.peer = peer.as_ref();

@@ -22,10 +22,12 @@ the effective result):
   agent_socket: /run/svidcar/agent.sock
   admin_addr: 127.0.0.1:15000
   admin_allow_remote: false              # true: admin_addr may be non-loopback
-  inbound:     [{listen: 0.0.0.0:8443, app_port: 8080, mode: strict|permissive, protocol: tcp|http|auto}]
+  inbound:     [{listen: 0.0.0.0:8443, app_port: 8080, mode: strict|permissive, protocol: tcp|http|auto,
+                 app_protocol: http1|h2}]           # app_protocol: what an http port's app speaks
   outbound:    [{listen: 127.0.0.1:9000, upstream: host:port, expect: spiffe://td/path | td}]
   transparent: {enabled: false, inbound_addr: 0.0.0.0:15006, outbound_addr: 0.0.0.0:15001,
                 default_mode: strict, ports: {8080: permissive}, protocols: {8080: http},
+                app_protocols: {8080: h2},
                 destinations: [{dst: 10.0.0.0/8 | 10.1.2.3:80 | fd00::/8, port: 8443, expect: td}]}
   limits:      {max_connections: 10000, handshake_timeout: 10s, idle_timeout: 1h,
                 drain_timeout: 20s, connect_timeout: 5s, header_timeout: 20s,
@@ -63,8 +65,10 @@ pub struct ProxyCmd {
     /// Explicit inbound listener: mTLS on ADDR, forwarded to 127.0.0.1:APP_PORT.
     /// MODE is `strict` (default: mTLS only) or `permissive` (plaintext admitted as
     /// unauthenticated); PROTOCOL is `tcp` (default: one decision per connection) or `http`
-    /// (HTTP/1.1 and HTTP/2: one decision per request, denials are 403) or `auto` (HTTP if the
-    /// client's first bytes are an HTTP request line or the HTTP/2 preface, else TCP). Repeatable.
+    /// (HTTP/1.1 and HTTP/2: one decision per request, denials are 403; the app gets
+    /// HTTP/1.1, gRPC HTTP/2), `h2` (an `http` port whose app speaks HTTP/2 cleartext) or `auto`
+    /// (HTTP if the client's first bytes are an HTTP request line or the HTTP/2 preface, else
+    /// TCP). Any SPIFFE mTLS client is served, whatever ALPN it offers. Repeatable.
     /// Example: `0.0.0.0:8443=8080:strict:http`.
     #[arg(long = "inbound", value_name = "ADDR=APP_PORT[:MODE][:PROTOCOL]")]
     inbound: Vec<String>,

@@ -10,6 +10,7 @@ pub mod egress;
 pub mod hostile;
 pub mod l7;
 pub mod netns;
+pub mod peers;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

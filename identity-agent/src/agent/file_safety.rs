@@ -14,6 +14,12 @@
 //!   group/others, sticky (like `/tmp`), so nobody else can rename what is inside.
 //!
 //! Missing directories are created (socket directory 0755, state directory 0700).
+//!
+//! The upstream intermediate's files (`--upstream-cert`, `--upstream-key`, `--upstream-bundle`)
+//! are checked the same way, at start and on every reload: owned by the agent's uid or root
+//! (symlinks too, as in Kubernetes Secret volumes), not writable by group/others (whoever can
+//! write the bundle or the key decides what the whole trust domain trusts), the key not
+//! readable by them, and every directory above them as above.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -236,6 +242,75 @@ fn check_state_file(path: &Path, uid: u32) -> Result<(), AgentError> {
                 path.display()
             ),
         ));
+    }
+    Ok(())
+}
+
+/// The upstream CA files: each owned by the agent's uid or root and not writable by
+/// group/others (the key not readable by them either), with safe directories above them.
+pub fn check_upstream_files(
+    cert: &Path,
+    key: &Path,
+    bundle: Option<&Path>,
+) -> Result<(), AgentError> {
+    let uid = effective_uid()?;
+    for (path, is_key) in [(cert, false), (key, true)]
+        .into_iter()
+        .chain(bundle.map(|b| (b, false)))
+    {
+        check_upstream_file(path, uid, is_key)?;
+        check_ancestors(path, uid)?;
+    }
+    Ok(())
+}
+
+fn check_upstream_file(path: &Path, uid: u32, is_key: bool) -> Result<(), AgentError> {
+    let what = if is_key {
+        "upstream CA key (--upstream-key)"
+    } else {
+        "upstream CA file"
+    };
+    let link = stat(path, false)?;
+    let m = stat(path, true)?;
+    for owner in [link.uid(), m.uid()] {
+        if owner != uid && owner != 0 {
+            return Err(unsafe_path(
+                path,
+                format!(
+                    "({what}) is owned by uid {owner}, not by the agent's uid {uid} or root:                      that user decides what the trust domain's SVIDs are signed with and trust"
+                ),
+                format!(
+                    "chown root {} (and chmod {}) after checking it was not tampered with",
+                    path.display(),
+                    if is_key { "600" } else { "644" }
+                ),
+            ));
+        }
+    }
+    let mode = m.mode() & 0o7777;
+    let bad = if is_key {
+        GROUP_OTHER_ALL
+    } else {
+        GROUP_OTHER_WRITE
+    };
+    if m.is_file() && mode & bad != 0 {
+        let problem = if is_key {
+            format!("({what}) is readable or writable by group or others (mode {mode:o})")
+        } else {
+            format!("({what}) is writable by group or others (mode {mode:o})")
+        };
+        let fix = if is_key {
+            format!(
+                "chmod 600 {} — and treat the intermediate key as leaked: issue a new one",
+                path.display()
+            )
+        } else {
+            format!(
+                "chmod go-w {} after checking it was not tampered with",
+                path.display()
+            )
+        };
+        return Err(unsafe_path(path, problem, fix));
     }
     Ok(())
 }

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub jwt_svids_issued: Counter,
     /// Open Workload API streams.
     pub streams_open: Gauge,
+    /// Identities in the SVID cache (in use, or released and not expired yet).
+    pub svid_cache_identities: Gauge,
     attestation_failures: Family<Vec<(String, String)>, Counter>,
     /// Callers refused for lack of a matching entry.
     pub no_entry: Counter,
@@ -76,6 +78,7 @@ impl Metrics {
         let x509_svids_issued = Counter::default();
         let jwt_svids_issued = Counter::default();
         let streams_open = Gauge::default();
+        let svid_cache_identities = Gauge::default();
         let attestation_failures = Family::default();
         let no_entry = Counter::default();
         let connections_open = Gauge::default();
@@ -111,6 +114,12 @@ impl Metrics {
             streams_open.clone(),
         );
         registry.register(
+            "svid_cache_identities",
+            "Identities holding a cached X.509-SVID (one SVID per identity, shared by all its \
+             streams)",
+            svid_cache_identities.clone(),
+        );
+        registry.register(
             "attestation_failures",
             "Callers that could not be attested, by reason",
             attestation_failures.clone(),
@@ -142,6 +151,7 @@ impl Metrics {
             x509_svids_issued,
             jwt_svids_issued,
             streams_open,
+            svid_cache_identities,
             attestation_failures,
             no_entry,
             connections_open,

@@ -3,9 +3,10 @@
 //!
 //! Data flow: [`rotation::CaSet`] and [`federation`] publish one shared [`TrustState`] through
 //! a `watch` channel; every Workload API stream reads it, attests its caller once
-//! ([`attest::unix`]), matches [`entries`], issues its SVIDs lazily from the active CA
-//! ([`ca`]) and re-issues them at half life or when the CA changes. Memory per stream is its
-//! own SVIDs plus one `Arc` of the shared state — no per-stream queue.
+//! ([`attest::unix`]), matches [`entries`] and takes its SVIDs from the [`svid_cache`]: one
+//! SVID per identity, issued lazily from the active CA ([`ca`]), shared by every Workload API
+//! and SDS stream of that identity and re-issued at half life or when the CA changes. Memory
+//! per stream is a few `Arc`s (its SVIDs, the shared state) — no per-stream queue.
 
 pub mod attest;
 pub mod bundle_endpoint;
@@ -22,6 +23,7 @@ pub mod jwt_keys;
 pub mod rotation;
 pub mod sds;
 pub mod sds_resources;
+pub mod svid_cache;
 pub mod upstream_ca;
 pub mod upstream_files;
 pub mod workload_api;
@@ -166,6 +168,9 @@ pub async fn run(
     let config = Arc::new(config);
     file_safety::prepare_socket_dir(&config.socket)?;
     file_safety::prepare_state_dir(&config.state_dir)?;
+    if let config::CaSource::Upstream { cert, key, bundle } = &config.ca {
+        file_safety::check_upstream_files(cert, key, bundle.as_deref())?;
+    }
     warn_path_only_entries(&config.entries);
     let metrics = Arc::new(Metrics::new());
     let mut cas = CaSet::load(

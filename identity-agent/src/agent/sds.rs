@@ -5,7 +5,9 @@
 //! - `StreamSecrets` (state of the world): the first request subscribes to names (see
 //!   [`sds_resources`](crate::agent::sds_resources)); the agent answers with every requested
 //!   secret, a `version_info` (a hash of the contents) and a fresh nonce. It pushes again when
-//!   the contents change: SVID re-issued at half life, CA rotated, a bundle changed.
+//!   the contents change: SVID re-issued at half life, CA rotated, a bundle changed. SVIDs
+//!   come from the agent's [`SvidCache`]: one per identity, the same on every SDS and
+//!   Workload API stream.
 //!   A request carrying the last nonce and no `error_detail` is an ACK (nothing is sent); with
 //!   `error_detail` it is a NACK: logged, and the rejected version is not resent (the next
 //!   change is). Requests with a stale nonce are ignored; a request changing the names is
@@ -33,6 +35,7 @@ use crate::agent::config::AgentConfig;
 use crate::agent::entries::Entry;
 use crate::agent::health::Metrics;
 use crate::agent::sds_resources::{self as res, Caller, Want};
+use crate::agent::svid_cache::{Lease, SvidCache};
 use crate::agent::TrustState;
 
 /// The SDS service behind the agent socket.
@@ -41,21 +44,25 @@ pub struct Sds {
     state: watch::Receiver<Arc<TrustState>>,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
+    cache: Arc<SvidCache>,
 }
 
 impl Sds {
-    /// A service reading the shared trust state; streams end when `stop` turns true.
+    /// A service reading the shared trust state and serving SVIDs from `cache` (shared with
+    /// the Workload API); streams end when `stop` turns true.
     pub fn new(
         config: Arc<AgentConfig>,
         state: watch::Receiver<Arc<TrustState>>,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
+        cache: Arc<SvidCache>,
     ) -> Self {
         Self {
             config,
             state,
             metrics,
             stop,
+            cache,
         }
     }
 
@@ -107,53 +114,39 @@ fn new_nonce() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Issues (or keeps) the caller's SVIDs: re-issued when missing, at half life, or when the
-/// signing CA changed.
+/// The caller's SVIDs, from the shared cache (the same SVIDs as every other stream of its
+/// identities): leased when first needed (a bundles-only subscription holds none), refreshed
+/// before every response.
 struct Svids {
-    issued: Vec<IssuedSvid>,
-    signer: String,
+    cache: Arc<SvidCache>,
+    lease: Option<Lease>,
+    issued: Vec<Arc<IssuedSvid>>,
 }
 
 impl Svids {
-    fn new() -> Self {
+    fn new(cache: Arc<SvidCache>) -> Self {
         Self {
+            cache,
+            lease: None,
             issued: Vec::new(),
-            signer: String::new(),
         }
     }
 
     #[allow(clippy::result_large_err)]
-    fn refresh(
-        &mut self,
-        st: &TrustState,
-        entries: &[Entry],
-        ttl: Duration,
-        metrics: &Metrics,
-    ) -> Result<(), Status> {
-        let now = SystemTime::now();
-        let due = self.issued.iter().any(|s| now >= s.refresh_at());
-        if !self.issued.is_empty() && !due && st.signer.serial_hex == self.signer {
-            return Ok(());
-        }
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            let s = st
-                .signer
-                .issue(&e.id, &e.hint, e.ttl.unwrap_or(ttl), now)
-                .map_err(|err| {
-                    tracing::error!(error = %err, id = %e.id, "SDS: cannot issue SVID");
-                    Status::unavailable(format!("agent cannot issue SVIDs right now: {err}"))
-                })?;
-            metrics.x509_svids_issued.inc();
-            out.push(s);
-        }
-        self.issued = out;
-        self.signer = st.signer.serial_hex.clone();
+    fn refresh(&mut self, entries: &[Entry]) -> Result<(), Status> {
+        let lease = self.lease.get_or_insert_with(|| self.cache.lease(entries));
+        self.issued = lease.svids().map_err(|err| {
+            tracing::error!(error = %err, "SDS: cannot issue SVID");
+            Status::unavailable(format!(
+                "agent cannot issue SVIDs right now: {}",
+                err.source
+            ))
+        })?;
         Ok(())
     }
 
     fn next_refresh(&self) -> Option<SystemTime> {
-        self.issued.iter().map(IssuedSvid::refresh_at).min()
+        self.issued.iter().map(|s| s.refresh_at()).min()
     }
 }
 
@@ -202,17 +195,12 @@ impl StreamState {
 
     /// The response to send now, if any.
     #[allow(clippy::result_large_err)]
-    fn response(
-        &mut self,
-        st: &TrustState,
-        ttl: Duration,
-        metrics: &Metrics,
-    ) -> Result<Option<DiscoveryResponse>, Status> {
+    fn response(&mut self, st: &TrustState) -> Result<Option<DiscoveryResponse>, Status> {
         let Some(wants) = &self.wants else {
             return Ok(None);
         };
         if res::needs_svids(wants) {
-            self.svids.refresh(st, &self.caller.entries, ttl, metrics)?;
+            self.svids.refresh(&self.caller.entries)?;
         }
         let secrets = res::secrets(st, &self.caller, &self.svids.issued, wants);
         let (resources, version) = res::encode(&secrets);
@@ -240,7 +228,7 @@ async fn secrets_stream(
     (peer, caller): (Peer, Caller),
     mut inbound: Streaming<DiscoveryRequest>,
     mut state: watch::Receiver<Arc<TrustState>>,
-    ttl: Duration,
+    cache: Arc<SvidCache>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
@@ -250,7 +238,7 @@ async fn secrets_stream(
     let mut s = StreamState {
         caller,
         wants: None,
-        svids: Svids::new(),
+        svids: Svids::new(cache),
         sent_version: None,
         sent_nonce: None,
         nacked_version: None,
@@ -258,8 +246,7 @@ async fn secrets_stream(
     };
     loop {
         let st = state.borrow_and_update().clone();
-        let resp = attest::caller::recheck(&peer, &metrics, "SDS: ")
-            .and_then(|()| s.response(&st, ttl, &metrics));
+        let resp = attest::caller::recheck(&peer, &metrics, "SDS: ").and_then(|()| s.response(&st));
         match resp {
             Ok(Some(resp)) => {
                 tracing::debug!(version = %resp.version_info, resources = resp.resources.len(), "SDS: push");
@@ -328,7 +315,7 @@ impl SecretDiscoveryService for Sds {
             subscriber,
             req.into_inner(),
             self.state.clone(),
-            self.config.svid_ttl,
+            self.cache.clone(),
             self.metrics.clone(),
             self.stop.clone(),
             tx,
@@ -345,9 +332,9 @@ impl SecretDiscoveryService for Sds {
         check_type(&r)?;
         let st = self.state.borrow().clone();
         let wants = res::parse_names(&r.resource_names, &caller, &st.bundle.trust_domain)?;
-        let mut svids = Svids::new();
+        let mut svids = Svids::new(self.cache.clone());
         if res::needs_svids(&wants) {
-            svids.refresh(&st, &caller.entries, self.config.svid_ttl, &self.metrics)?;
+            svids.refresh(&caller.entries)?;
         }
         let secrets = res::secrets(&st, &caller, &svids.issued, &wants);
         let (resources, version) = res::encode(&secrets);

@@ -245,7 +245,7 @@ fn td_bundle<'a>(st: &'a TrustState, td: &TrustDomain) -> Option<&'a Bundle> {
 pub fn secrets(
     st: &TrustState,
     caller: &Caller,
-    issued: &[IssuedSvid],
+    issued: &[std::sync::Arc<IssuedSvid>],
     wants: &Option<Vec<Want>>,
 ) -> Vec<Secret> {
     let Some(wants) = wants else {

@@ -87,6 +87,13 @@ impl UpstreamFiles {
 
     /// Reads and checks the intermediate for `td` at `now`.
     pub fn load(&self, td: &TrustDomain, now: SystemTime) -> Result<Loaded, CaError> {
+        // Nobody else may control what the agent signs with (also on reload).
+        crate::agent::file_safety::check_upstream_files(
+            &self.cert,
+            &self.key,
+            self.bundle.as_deref(),
+        )
+        .map_err(|e| io_err(&self.key, e))?;
         let mut roots = Vec::new();
         let mut chain = Vec::new();
         for c in read_certs(&self.cert)? {

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use svidcar_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
-    X509svid, X509svidRequest, X509svidResponse,
+    X509svidRequest, X509svidResponse,
 };
 use svidcar_proto::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use tokio::sync::{mpsc, watch};
@@ -21,10 +21,10 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::attest;
 use crate::agent::attest::peer::{Peer, PROC_ROOT};
-use crate::agent::ca::IssuedSvid;
 use crate::agent::config::AgentConfig;
 use crate::agent::entries::Entry;
 use crate::agent::health::Metrics;
+use crate::agent::svid_cache::SvidCache;
 use crate::agent::{AgentError, TrustState};
 use crate::bundle::Bundle;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
@@ -32,6 +32,7 @@ use crate::spiffe_id::{SpiffeId, TrustDomain};
 mod claims;
 pub mod incoming;
 mod socket;
+mod x509;
 
 pub use claims::json_to_struct;
 pub use incoming::peer_of;
@@ -57,6 +58,7 @@ pub struct WorkloadApi {
     state: watch::Receiver<Arc<TrustState>>,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
+    cache: Arc<SvidCache>,
 }
 
 /// Decrements the open-streams gauge when a stream ends.
@@ -162,55 +164,6 @@ fn visible_federated<'a>(
         .map(|(_, b)| b)
 }
 
-#[allow(clippy::result_large_err)]
-fn issue_all(
-    st: &TrustState,
-    entries: &[Entry],
-    default_ttl: Duration,
-    metrics: &Metrics,
-) -> Result<Vec<IssuedSvid>, Status> {
-    let now = SystemTime::now();
-    entries
-        .iter()
-        .map(|e| {
-            let s = st
-                .signer
-                .issue(&e.id, &e.hint, e.ttl.unwrap_or(default_ttl), now)
-                .map_err(|err| {
-                    tracing::error!(error = %err, id = %e.id, "cannot issue SVID");
-                    Status::unavailable(format!("agent cannot issue SVIDs right now: {err}"))
-                })?;
-            metrics.x509_svids_issued.inc();
-            Ok(s)
-        })
-        .collect()
-}
-
-fn x509_response(
-    st: &TrustState,
-    issued: &[IssuedSvid],
-    allowed: &Option<BTreeSet<TrustDomain>>,
-) -> X509svidResponse {
-    let bundle = st.bundle.x509_der_concat();
-    X509svidResponse {
-        svids: issued
-            .iter()
-            .map(|s| X509svid {
-                spiffe_id: s.id.as_str().to_string(),
-                x509_svid: s.chain_der.clone(),
-                x509_svid_key: s.key_pkcs8.clone(),
-                bundle: bundle.clone(),
-                hint: s.hint.clone(),
-            })
-            .collect(),
-        crl: Vec::new(),
-        federated_bundles: visible_federated(st, allowed)
-            .filter(|b| !b.x509_authorities.is_empty())
-            .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
-            .collect(),
-    }
-}
-
 fn bundles_map(
     st: &TrustState,
     allowed: &Option<BTreeSet<TrustDomain>>,
@@ -238,65 +191,6 @@ fn bundles_map(
         .collect()
 }
 
-/// The `FetchX509SVID` stream of one caller: issue lazily, re-issue at half life or when the
-/// signing CA changes, resend on bundle changes.
-async fn x509_stream(
-    peer: Peer,
-    mut state: watch::Receiver<Arc<TrustState>>,
-    entries: Vec<Entry>,
-    default_ttl: Duration,
-    metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-    tx: Sender<X509svidResponse>,
-) {
-    let _guard = StreamGuard::new(&metrics);
-    let allowed = federated_for(&entries);
-    let mut issued: Vec<IssuedSvid> = Vec::new();
-    let mut signer = String::new();
-    loop {
-        if let Err(status) = attest::caller::recheck(&peer, &metrics, "") {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-        let st = state.borrow_and_update().clone();
-        let now = SystemTime::now();
-        let due = issued.iter().any(|s| now >= s.refresh_at());
-        if issued.is_empty() || due || st.signer.serial_hex != signer {
-            match issue_all(&st, &entries, default_ttl, &metrics) {
-                Ok(v) => issued = v,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-            }
-            signer = st.signer.serial_hex.clone();
-        }
-        if tx
-            .send(Ok(x509_response(&st, &issued, &allowed)))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let refresh = issued
-            .iter()
-            .map(IssuedSvid::refresh_at)
-            .min()
-            .unwrap_or(now);
-        // Floor: an SVID capped by a CA about to expire must not make the stream spin.
-        let wait = refresh
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .max(Duration::from_millis(100));
-        tokio::select! {
-            r = state.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(wait) => {}
-            _ = tx.closed() => return,
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
@@ -310,11 +204,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let (peer, matched) = self.entitled(&req).await?;
         tracing::debug!(pid = peer.pid, ids = matched.len(), "FetchX509SVID");
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(x509_stream(
+        let lease = self.cache.lease(&matched);
+        tokio::spawn(x509::x509_stream(
             peer,
             self.state.clone(),
             matched,
-            self.config.svid_ttl,
+            lease,
             self.metrics.clone(),
             self.stop_rx(),
             tx,
@@ -452,11 +347,13 @@ pub async fn serve(
         PROC_ROOT.into(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
+    let cache = SvidCache::new(state.clone(), config.svid_ttl, metrics.clone());
     let sds = crate::agent::sds::Sds::new(
         config.clone(),
         state.clone(),
         metrics.clone(),
         stop_rx.clone(),
+        cache.clone(),
     );
     let health = crate::agent::grpc_health::HealthService::new(stop_rx.clone());
     let reflection = crate::agent::grpc_reflection::Reflection::new()
@@ -467,7 +364,16 @@ pub async fn serve(
         state,
         metrics,
         stop: stop_rx.clone(),
+        cache: cache.clone(),
     };
+    // Released identities leave the cache once their SVID expired (or its CA was replaced).
+    let sweeper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            cache.sweep();
+        }
+    });
     let svc = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
     let mut server_stop = stop_rx;
     let server = tonic::transport::Server::builder()
@@ -494,6 +400,7 @@ pub async fn serve(
             tokio::time::timeout(Duration::from_secs(5), &mut server).await.unwrap_or(Ok(()))
         }
     };
+    sweeper.abort();
     let _ = std::fs::remove_file(&config.socket);
     result.map_err(|e| AgentError::Serve(e.to_string()))
 }

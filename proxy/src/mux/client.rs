@@ -83,6 +83,7 @@ struct PooledConn {
     sender: SendRequest<Bytes>,
     authority: String,
     peer_id: Option<SpiffeId>,
+    tls: crate::tls_session::TlsFacts,
     active: AtomicUsize,
     closed: Arc<AtomicBool>,
     retired: AtomicBool,
@@ -129,6 +130,11 @@ enum OpenError {
 }
 
 impl Lease {
+    /// What the pooled connection's TLS session negotiated.
+    pub fn tls(&self) -> crate::tls_session::TlsFacts {
+        self.conn.tls
+    }
+
     /// Opens the `CONNECT` stream and waits for the peer's `200`.
     async fn open(&self) -> Result<H2Stream, OpenError> {
         let broken = |e: h2::Error| OpenError::Broken(e.to_string());
@@ -351,6 +357,7 @@ impl Pool {
     ) -> Result<Lease, Refusal> {
         let (tcp, conn) = tls.get_ref();
         let peer_id = svidcar_agent::tls::peer_spiffe_id(conn);
+        let negotiated = crate::tls_session::TlsFacts::of(conn);
         let not_after = svidcar_agent::tls::peer_not_after(conn)
             .map_or(own_not_after, |p| p.min(own_not_after));
         let left = not_after
@@ -396,6 +403,7 @@ impl Pool {
             sender,
             authority: authority.to_string(),
             peer_id,
+            tls: negotiated,
             active: AtomicUsize::new(1),
             closed,
             retired: AtomicBool::new(false),

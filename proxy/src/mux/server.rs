@@ -12,9 +12,9 @@
 //! On shutdown the connection sends GOAWAY and lets its streams finish.
 //!
 //! A carrier outlives credential changes and the peer's SVID, so every new stream first checks
-//! that the peer is still trusted: its leaf has not expired (same clock as the handshake's
-//! verification) and its trust domain still has a bundle; after our bundles changed, the whole
-//! chain is verified again against the bundles now in force. A peer that fails gets `403` and
+//! that the peer is still trusted ([`PeerTrust::check`]: its leaf has not expired, its trust
+//! domain still has a bundle, its chain verifies under changed bundles; an `http` port's stream
+//! checks it again on every request). A peer that fails gets `403` and
 //! the connection is closed with GOAWAY; otherwise the stream is served as usual. At the peer's
 //! expiry the connection is also sent GOAWAY (open streams finish, as on a plain connection).
 //!
@@ -43,6 +43,7 @@ use crate::authz::ConnAttrs;
 use crate::config::Protocol;
 use crate::context::{reset, Access, ProxyContext};
 use crate::http::ConnFacts;
+use crate::peer_trust::{self, PeerTrust};
 
 const DIR: &str = "inbound";
 
@@ -108,6 +109,10 @@ pub struct MuxFacts {
     pub app_port: u16,
     /// tcp | http.
     pub protocol: Protocol,
+    /// What the app of an `http` port speaks.
+    pub app_protocol: crate::config::AppProtocol,
+    /// What the carrier's TLS session negotiated (logged with every stream).
+    pub tls: crate::tls_session::TlsFacts,
     /// Concurrent streams accepted.
     pub max_streams: u32,
 }
@@ -138,7 +143,14 @@ pub async fn serve(
     };
     ctx.metrics.mux_connection(DIR);
     tracing::debug!(src = %facts.src, peer_id = %facts.peer, "mux connection open");
-    let mut verified = facts.generation;
+    // Checked before every new stream, and by every request of an `http` port's stream.
+    let trust = Arc::new(PeerTrust::new(
+        ctx.creds.clone(),
+        facts.peer.clone(),
+        facts.peer_chain.clone(),
+        facts.peer_not_after,
+        facts.generation,
+    ));
     let facts = Arc::new(facts);
     let mut shutdown = ctx.shutdown.clone();
     let mut draining = false;
@@ -148,11 +160,7 @@ pub async fn serve(
     let mut idle_at = Instant::now() + ctx.limits.handshake_timeout.0;
     // The destination the first stream named; all others must name it too.
     let mut pinned: Option<Option<String>> = None;
-    let peer_expiry = Instant::now()
-        + facts
-            .peer_not_after
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO);
+    let peer_expiry = Instant::now() + trust.expires_in();
     loop {
         let next = tokio::select! {
             _ = tokio::time::sleep_until(peer_expiry), if !draining => {
@@ -183,14 +191,17 @@ pub async fn serve(
         match next {
             Some(Ok((req, mut respond))) => {
                 streams += 1;
-                if let Err(reason) = still_trusted(&ctx, &facts, &mut verified) {
+                if let Err(reason) = trust.check() {
                     answer(&mut respond, StatusCode::FORBIDDEN);
                     let mut access = Access::new(DIR, facts.src, facts.dst.to_string());
                     access.peer_id = Some(facts.peer.clone());
                     access.refused(
                         &ctx.metrics,
                         "refused",
-                        &format!("mux: {reason}; closing the connection"),
+                        &format!(
+                            "{}: mux: {reason}; closing the connection",
+                            peer_trust::REASON
+                        ),
                     );
                     draining = true;
                     conn.graceful_shutdown();
@@ -209,7 +220,14 @@ pub async fn serve(
                 let same = authority.is_some() && *pin == authority;
                 idle_at = Instant::now() + ctx.mux.idle;
                 let count = StreamCount::new(&open);
-                let task = stream(ctx.clone(), facts.clone(), req, respond, same);
+                let task = stream(
+                    ctx.clone(),
+                    facts.clone(),
+                    trust.clone(),
+                    req,
+                    respond,
+                    same,
+                );
                 tokio::spawn(Box::pin(async move {
                     task.await;
                     drop(count);
@@ -225,61 +243,6 @@ pub async fn serve(
     tracing::debug!(src = %facts.src, peer_id = %facts.peer, streams, "mux connection closed");
 }
 
-/// Before each new stream: the peer's leaf must still be valid and its trust domain still have
-/// a bundle; if our credentials changed since the peer was last verified (a new SVID or new
-/// bundles) its chain is verified again. `verified` follows the generation it passed under.
-fn still_trusted(ctx: &ProxyContext, facts: &MuxFacts, verified: &mut u64) -> Result<(), String> {
-    let Some(own) = ctx.creds.current() else {
-        return Err("no SVID in force".into());
-    };
-    let now = std::time::SystemTime::now();
-    if now >= facts.peer_not_after {
-        let ago = now
-            .duration_since(facts.peer_not_after)
-            .unwrap_or_default()
-            .as_secs();
-        return Err(format!(
-            "the peer's SVID ({}) expired {ago}s ago",
-            facts.peer
-        ));
-    }
-    let td = facts.peer.trust_domain();
-    if own
-        .bundles
-        .get(&td)
-        .is_none_or(|b| b.x509_authorities.is_empty())
-    {
-        return Err(format!(
-            "the peer {} no longer verifies under the current bundles: no bundle for its trust domain {}",
-            facts.peer,
-            td.name()
-        ));
-    }
-    if own.generation == *verified {
-        return Ok(());
-    }
-    let id = svidcar_agent::svid::verify_chain_for(
-        &facts.peer_chain,
-        &own.bundles,
-        rustls::pki_types::UnixTime::now(),
-        svidcar_agent::svid::PeerRole::Client,
-    )
-    .map_err(|e| {
-        format!(
-            "the peer {} no longer verifies under the current bundles: {e}",
-            facts.peer
-        )
-    })?;
-    if id != facts.peer {
-        return Err(format!(
-            "the peer's certificate now names {id}, not {}",
-            facts.peer
-        ));
-    }
-    *verified = own.generation;
-    Ok(())
-}
-
 fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut resp = Response::new(());
     *resp.status_mut() = status;
@@ -292,6 +255,7 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 async fn stream(
     ctx: Arc<ProxyContext>,
     facts: Arc<MuxFacts>,
+    trust: Arc<PeerTrust>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     same_destination: bool,
@@ -299,6 +263,7 @@ async fn stream(
     let mut access = Access::new(DIR, facts.src, facts.dst.to_string());
     access.peer_id = Some(facts.peer.clone());
     access.own_id = Some(facts.own.clone());
+    access.tls = Some(facts.tls);
     if req.method() != Method::CONNECT {
         answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         return access.refused(
@@ -334,6 +299,8 @@ async fn stream(
         dst: facts.dst,
         app_port: facts.app_port,
         tls: true,
+        trust: Some(trust),
+        app_h2: facts.app_protocol == crate::config::AppProtocol::H2,
     };
     // An `auto` port: the stream is accepted to read its first bytes (a later refusal resets it).
     let (mut req, mut sniffed) = (Some(req), None);

@@ -54,10 +54,16 @@ impl Explanation {
     /// A request refused by path normalization, as the proxy answers it (`400`, no rule
     /// evaluated): `DENY by normalize:<reason>`, no rule lines.
     pub fn refused(e: &PathError) -> Self {
+        Self::refused_for(e.reason())
+    }
+
+    /// A request refused before any rule was evaluated, with the proxy's reason label (e.g.
+    /// `authority:invalid` for a `Host` the proxy answers `400`): `DENY by <reason>`.
+    pub fn refused_for(reason: &'static str) -> Self {
         Self {
             decision: Decision {
                 allow: false,
-                reason: Reason::Refused(e.reason()),
+                reason: Reason::Refused(reason),
                 shadow: None,
                 audit: Vec::new(),
             },

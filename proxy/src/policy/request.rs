@@ -202,7 +202,8 @@ pub enum Reason {
         implicit: bool,
     },
     /// Refused before any rule was evaluated (a path normalization refuses:
-    /// `normalize:escaped-slash`, `normalize:bad-escape`, `normalize:not-absolute`).
+    /// `normalize:escaped-slash`, `normalize:bad-escape`, `normalize:not-absolute`; an
+    /// authority the proxy refuses: `authority:invalid`, `authority:userinfo`).
     Refused(&'static str),
 }
 
