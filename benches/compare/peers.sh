@@ -297,6 +297,17 @@ policies:
       - from: [{spiffeIds: ["$CLIENT_ID"]}]
         to: [{methods: ["GET"], paths: ["/", "/index.html"]}]
 EOF
+        # SVIDCAR_L7_RPS_LIMIT=N: a per-caller requestsPerSecond limit (never reached when N is far
+        # above the pair's rate), to measure what the limit check costs on the L7 hot path.
+        if [[ -n ${SVIDCAR_L7_RPS_LIMIT:-} ]]; then
+            cat >>"$d/policy.yaml" <<EOF
+limits:
+  - name: bench-client-rps
+    from: [{spiffeIds: ["$CLIENT_ID"]}]
+    requestsPerSecond: $SVIDCAR_L7_RPS_LIMIT
+    burst: $SVIDCAR_L7_RPS_LIMIT
+EOF
+        fi
         start_bg "svidcar server side (L7 policy)" "$d/server-l7.log" "$d/bin/svidcar-server" proxy \
             --agent-socket "$d/agent.sock" --admin-addr 127.0.0.1:$((b + 92)) --policy "$d/policy.yaml" \
             --inbound "127.0.0.1:$((b + 13))=$B_HTTP:strict:http"
