@@ -10,7 +10,9 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::hostile::{mtls_connect, mux_connect, short_lived, until_past, Partner, PARTNER_POLICY};
+use common::hostile::{
+    mtls_connect, mux_connect, short_lived, until_past, Partner, PARTNER_POLICY,
+};
 use common::l7::RecordingApp;
 use common::proxy::Mesh;
 

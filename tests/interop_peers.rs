@@ -27,17 +27,11 @@ fn id(path: &str) -> String {
 /// A backend sidecar with a `tcp` and an `http` inbound port to `app_port`: (sidecar, tcp, http).
 fn backend_tcp_and_http(mesh: &Mesh, app_port: u16) -> (Sidecar, u16, u16) {
     let (tcp, http) = (free_port(), free_port());
-    let sc = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{tcp}={app_port}"),
-            "--inbound".into(),
-            format!("127.0.0.1:{http}={app_port}:strict:http"),
-        ],
-    );
-    (sc, tcp, http)
+    let inbounds = [
+        format!("127.0.0.1:{tcp}={app_port}"),
+        format!("127.0.0.1:{http}={app_port}:strict:http"),
+    ];
+    (mesh.inbound_backend(&inbounds, &[]), tcp, http)
 }
 
 /// A log line of `sc` with all of `needles`, if any.

@@ -403,7 +403,8 @@ pub fn until_past(t: std::time::SystemTime) -> Duration {
 }
 
 /// A policy allowing inbound peers of the trust domain `partner.test`.
-pub const PARTNER_POLICY: &str = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: partner\n  \
+pub const PARTNER_POLICY: &str =
+    "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: partner\n  \
                   direction: inbound\n  action: allow\n  rules:\n  - from: [{trustDomains: \
                   [\"partner.test\"]}]\n";
 

@@ -45,6 +45,14 @@ impl RecordingApp {
     pub fn clear(&self) {
         self.seen.lock().unwrap().clear();
     }
+
+    /// Forgets what was received, runs `exchange` (a client call: status and body) and returns
+    /// its answer and what the app received meanwhile.
+    pub fn during(&self, exchange: impl FnOnce() -> (u16, String)) -> (u16, String, Vec<String>) {
+        self.clear();
+        let (status, body) = exchange();
+        (status, body, self.seen())
+    }
 }
 
 fn serve_recording(s: TcpStream, seen: &Seen) {
@@ -334,17 +342,38 @@ pub fn backend(mesh: &Mesh, file: &str, yaml: &str, app_port: u16, mode: &str) -
     let path = mesh.dir.path().join(file);
     std::fs::write(&path, yaml).unwrap();
     let port = super::free_port();
-    let sc = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{port}={app_port}:{mode}"),
-            "--policy".into(),
-            path.display().to_string(),
-        ],
-    );
-    (sc, port)
+    let inbound = format!("127.0.0.1:{port}={app_port}:{mode}");
+    let policy = ["--policy".into(), path.display().to_string()];
+    (mesh.inbound_backend(&[inbound], &policy), port)
+}
+
+/// A [`backend`] and a frontend sidecar routing to it (expecting the backend's ID): the
+/// backend, the frontend and the frontend's outbound port.
+pub fn through(
+    mesh: &Mesh,
+    file: &str,
+    yaml: &str,
+    app_port: u16,
+    mode: &str,
+) -> (Sidecar, Sidecar, u16) {
+    let (backend, in_port) = backend(mesh, file, yaml, app_port, mode);
+    let backend_id = format!("spiffe://{}/backend", super::proxy::TD);
+    let (frontend, out) = mesh.frontend(in_port, &backend_id);
+    (backend, frontend, out)
+}
+
+/// Each of `reasons` was counted at least once in `svidcar_proxy_http_refused_total`.
+pub fn assert_refusals_counted(backend: &Sidecar, reasons: &[&str]) {
+    for reason in reasons {
+        assert!(
+            backend.metric_sum(&[
+                "svidcar_proxy_http_refused_total",
+                &format!("reason=\"{reason}\"")
+            ]) >= 1.0,
+            "{reason} not counted:\n{}",
+            backend.metrics()
+        );
+    }
 }
 
 /// `GET target` with `Host: public.example` and `extra` header lines.
