@@ -14,7 +14,7 @@ use common::hostile::{
     mtls_connect, mux_connect, short_lived, until_past, Partner, PARTNER_POLICY,
 };
 use common::l7::RecordingApp;
-use common::proxy::Mesh;
+use common::proxy::{Mesh, Sidecar};
 
 type Tls = BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
 
@@ -65,6 +65,18 @@ fn requests(app: &RecordingApp) -> Vec<String> {
         .collect()
 }
 
+/// After an expired peer's last request: the app got `/one` and `/two` only, and the backend
+/// logged why it refused the rest.
+fn only_before_expiry(app: &RecordingApp, backend: &Sidecar) {
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        requests(app),
+        ["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
+        "the app got a request from an expired peer"
+    );
+    backend.wait_log(&["peer_invalid", "expired"]);
+}
+
 #[test]
 fn an_http_keep_alive_connection_ends_at_the_peers_expiry() {
     let mesh = Mesh::start("attack-ka-expiry", &[]);
@@ -82,13 +94,7 @@ fn an_http_keep_alive_connection_ends_at_the_peers_expiry() {
         r.is_err() || r.as_ref().unwrap().0 == 403,
         "an expired peer was served: {r:?}"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        requests(&app),
-        ["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
-        "the app got a request from an expired peer"
-    );
-    backend.wait_log(&["peer_invalid", "expired"]);
+    only_before_expiry(&app, &backend);
 }
 
 #[test]
@@ -202,11 +208,5 @@ fn a_mux_stream_carrying_keep_alive_http_ends_at_the_peers_expiry() {
             "an expired peer was served: {status}"
         );
     });
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        requests(&app),
-        ["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
-        "the app got a request from an expired peer"
-    );
-    backend.wait_log(&["peer_invalid", "expired"]);
+    only_before_expiry(&app, &backend);
 }
