@@ -62,19 +62,7 @@ fn of_secret(s: &Secret) -> Issued {
 }
 
 async fn sds(socket: &Path) -> SecretDiscoveryServiceClient<Channel> {
-    let p = socket.to_path_buf();
-    let ch = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .expect("connect SDS");
-    SecretDiscoveryServiceClient::new(ch)
+    SecretDiscoveryServiceClient::new(common::unix_channel(socket).await)
 }
 
 /// An SDS `StreamSecrets` subscription to `default` that ACKs every response, like Envoy.

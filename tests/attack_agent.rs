@@ -13,42 +13,34 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::attacker::{
-    end_flood, flood, hard_nofile, metric, python, python_copy, run, script, LimitedAgent,
-    OTHER_UID,
+    agent_refuses, assert_refused, chmod, chown, end_flood, flood, flood_tools, hard_nofile,
+    metric, python, python_copy, run, script, LimitedAgent, Registered, OTHER_UID,
 };
 use common::{Agent, TempDir, BIN};
 
 #[test]
 fn exec_after_connect_is_refused_and_the_binary_started_normally_gets_its_svid() {
-    let Some(py) = python() else { return };
-    let dir = TempDir::new("attack-exec");
-    let script = script(dir.path());
-    let registered = python_copy(&py, dir.path(), "registered-app");
-    let entry = format!(
-        "spiffe://svidcar.local/app=unix:uid:0,unix:path:{}",
-        registered.display()
-    );
-    let agent = Agent::start_in(dir.path(), &["--entry", &entry]);
-    let sock = agent.socket.to_str().unwrap();
-    let s = script.to_str().unwrap();
+    let Some(reg) = Registered::start("attack-exec", &[]) else {
+        return;
+    };
+    let (py, registered, agent) = (&reg.py, &reg.registered, &reg.agent);
+    let (sock, s, r) = reg.args();
 
     // The registered binary, started normally, gets its identity.
     assert_eq!(
-        run(&registered, &[s, "call", sock]),
+        run(registered, &[s, "call", sock]),
         "SVID spiffe://svidcar.local/app"
     );
     // Another binary of the same uid does not.
-    assert_eq!(run(&py, &[s, "call", sock]), "DENIED");
+    assert_eq!(run(py, &[s, "call", sock]), "DENIED");
     // The attack: connect as the other binary, wait until the agent accepted, exec the
     // registered binary (same pid) and call on the inherited socket.
-    let r = registered.to_str().unwrap();
-    assert_eq!(run(&py, &[s, "exec", sock, r, s, "call-fd"]), "DENIED");
+    assert_eq!(run(py, &[s, "exec", sock, r, s, "call-fd"]), "DENIED");
     assert!(metric(&agent.health, "reason=\"exe_changed\"") >= 1.0);
     let log = agent.log_text();
     assert!(
@@ -59,32 +51,23 @@ fn exec_after_connect_is_refused_and_the_binary_started_normally_gets_its_svid()
 
 #[test]
 fn a_forked_child_cannot_use_a_connection_its_parent_opened_before_exec() {
-    let Some(py) = python() else { return };
-    let dir = TempDir::new("attack-fork");
-    let script = script(dir.path());
-    let registered = python_copy(&py, dir.path(), "registered-app");
-    let entry = format!(
-        "spiffe://svidcar.local/app=unix:uid:0,unix:path:{}",
-        registered.display()
-    );
-    let agent = Agent::start_in(dir.path(), &["--entry", &entry]);
-    let (sock, s, r) = (
-        agent.socket.to_str().unwrap(),
-        script.to_str().unwrap(),
-        registered.to_str().unwrap(),
-    );
+    let Some(reg) = Registered::start("attack-fork", &[]) else {
+        return;
+    };
+    let (py, agent) = (&reg.py, &reg.agent);
+    let (sock, s, r) = reg.args();
     // Parent: connects, forks, execs the registered binary (which just sleeps). Child: the
     // attacker's program, calls on the socket the parent opened: the kernel still names the
     // parent's pid, which now runs the registered binary.
     let out = run(
-        &py,
+        py,
         &[s, "fork-exec", sock, r, "-c", "import time; time.sleep(3)"],
     );
     assert_eq!(out, "DENIED");
     assert!(metric(&agent.health, "reason=\"exe_changed\"") >= 1.0);
 
     // A child whose parent (the pid the kernel recorded) has exited is refused too.
-    let out = run(&py, &[s, "fork-exec", sock, "/bin/true"]);
+    let out = run(py, &[s, "fork-exec", sock, "/bin/true"]);
     assert_eq!(out, "DENIED");
 }
 
@@ -160,40 +143,6 @@ fn path_only_entries_are_warned_about_at_start() {
     assert!(warned[0].contains("spiffe://svidcar.local/weak"), "{log}");
 }
 
-/// Starts `svidcar agent` with `args` and expects it to refuse to start: returns its stderr.
-fn agent_refuses(args: &[&str]) -> String {
-    let mut child = Command::new(BIN)
-        .args(["agent", "--health-addr", "off"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start agent");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            assert!(!status.success(), "agent exited 0: {err}");
-            return err;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("agent started with {args:?}; it should have refused");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn chown(path: &Path, uid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
 #[test]
 fn state_and_socket_dirs_another_user_controls_are_refused() {
     if common::uid() != 0 {
@@ -216,12 +165,8 @@ fn state_and_socket_dirs_another_user_controls_are_refused() {
     let sock = d.join("agent.sock");
     let sock_arg = sock.to_str().unwrap();
     let check = |state: &Path, want: &[&str]| {
-        let err = agent_refuses(&["--socket", sock_arg, "--state-dir", state.to_str().unwrap()]);
-        for w in want {
-            assert!(err.contains(w), "want {w:?} in: {err}");
-        }
-        assert!(err.contains("fix:"), "{err}");
-        assert!(!sock.exists(), "refused agent left a socket");
+        let args = ["--socket", sock_arg, "--state-dir", state.to_str().unwrap()];
+        assert_refused(&args, want, &sock);
     };
     // 1. A state directory pre-created by another user, with a CA key pair of their own.
     check(
@@ -366,12 +311,11 @@ fn upstream_ca_files_another_user_controls_are_refused() {
     };
     let check = |key: &Path, want: &[&str]| {
         let a = args(key);
-        let err = agent_refuses(&a.iter().map(String::as_str).collect::<Vec<_>>());
-        for w in want {
-            assert!(err.contains(w), "want {w:?} in: {err}");
-        }
-        assert!(err.contains("fix:"), "{err}");
-        assert!(!sock.exists(), "refused agent left a socket");
+        assert_refused(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            want,
+            &sock,
+        );
     };
     let other = format!("owned by uid {OTHER_UID}");
     // 1. The intermediate key belongs to another user (who could swap it for their own).
@@ -438,8 +382,7 @@ fn upstream_ca_files_another_user_controls_are_refused() {
 #[test]
 fn a_flood_of_idle_connections_from_another_uid_does_not_starve_registered_workloads() {
     let Some(py) = python() else { return };
-    if common::which("prlimit").is_none() || common::which("setpriv").is_none() {
-        common::skip("needs prlimit and setpriv (util-linux)");
+    if !flood_tools() {
         return;
     }
     let hard = hard_nofile();
@@ -475,8 +418,7 @@ fn a_flood_of_idle_connections_from_another_uid_does_not_starve_registered_workl
 #[test]
 fn the_per_uid_cap_protects_an_agent_whose_limit_cannot_be_raised() {
     let Some(py) = python() else { return };
-    if common::which("prlimit").is_none() || common::which("setpriv").is_none() {
-        common::skip("needs prlimit and setpriv (util-linux)");
+    if !flood_tools() {
         return;
     }
     let dir = TempDir::new("attack-cap");
@@ -522,31 +464,22 @@ fn an_idle_connection_is_closed_but_an_open_stream_is_not() {
 
 #[test]
 fn an_open_stream_ends_when_its_process_execs_another_binary() {
-    let Some(py) = python() else { return };
-    let dir = TempDir::new("attack-stream");
-    let script = script(dir.path());
-    let registered = python_copy(&py, dir.path(), "registered-app");
-    let entry = format!(
-        "spiffe://svidcar.local/app=unix:uid:0,unix:path:{}",
-        registered.display()
-    );
     // SVIDs re-issued every second: the stream pushes updates.
-    let agent = Agent::start_in(dir.path(), &["--entry", &entry, "--svid-ttl", "2s"]);
-    let (s, sock, r) = (
-        script.to_str().unwrap(),
-        agent.socket.to_str().unwrap(),
-        registered.to_str().unwrap(),
-    );
-    let p = py.to_str().unwrap();
+    let Some(reg) = Registered::start("attack-stream", &["--svid-ttl", "2s"]) else {
+        return;
+    };
+    let (registered, agent) = (&reg.registered, &reg.agent);
+    let (sock, s, r) = reg.args();
+    let p = reg.py.to_str().unwrap();
     // Exec'ing the same binary again keeps the stream (same executable).
     let same = run(
-        &registered,
+        registered,
         &[s, "stream-then-exec", sock, r, s, "stream-continue", "10"],
     );
     assert_eq!(same, "UPDATE");
     // Exec'ing another binary: the next update is PERMISSION_DENIED instead of a new SVID.
     let other = run(
-        &registered,
+        registered,
         &[s, "stream-then-exec", sock, p, s, "stream-continue", "10"],
     );
     assert_eq!(other, "ENDED");

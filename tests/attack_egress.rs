@@ -23,73 +23,12 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::egress::{client, finish, first_flight, recut, refused, send, Recorder, Send};
+use common::egress::{
+    client, egress_proxy, finish, first_flight, read_head, recut, refused, resolves_to_loopback,
+    send, statuses, tunnel, Recorder, Send, HEAD,
+};
 use common::proxy::{Mesh, Sidecar};
 use common::{free_port, skip, BIN};
-
-const HEAD: &str = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\n";
-
-fn resolves_to_loopback(name: &str) -> bool {
-    use std::net::ToSocketAddrs;
-    (name, 1)
-        .to_socket_addrs()
-        .map(|mut a| a.next().is_some_and(|a| a.ip().is_loopback()))
-        .unwrap_or(false)
-}
-
-/// An egress-proxy sidecar allowing the names `localhost` and `allowed.test` (implicit default
-/// deny), with a 2 s handshake timeout; returns it and the proxy port.
-fn egress_proxy(mesh: &Mesh) -> (Sidecar, u16) {
-    let policy = mesh.dir.path().join("egress.yaml");
-    std::fs::write(
-        &policy,
-        format!("{HEAD}policies:\n- name: tunnel\n  direction: egress\n  action: allow\n  rules:\n  - to: [{{ hosts: [\"localhost\", \"allowed.test\"] }}]\n"),
-    )
-    .unwrap();
-    let cfg = mesh.dir.path().join("egress-limits.yaml");
-    std::fs::write(&cfg, "limits:\n  handshake_timeout: 2s\n").unwrap();
-    let port = free_port();
-    let sc = mesh.sidecar(
-        "frontend",
-        &mesh.frontend_bin.clone(),
-        &[
-            "--config".into(),
-            cfg.display().to_string(),
-            "--policy".into(),
-            policy.display().to_string(),
-            "--egress-proxy".into(),
-            format!("127.0.0.1:{port}"),
-        ],
-    );
-    (sc, port)
-}
-
-/// Reads up to and including the end of a response head, byte by byte (nothing more).
-fn read_head(s: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut b = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => got.push(b[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
-}
-
-/// A CONNECT tunnel to `localhost:<port>` through the egress proxy.
-fn tunnel(proxy: u16, port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"
-    )
-    .unwrap();
-    let head = read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 200"), "CONNECT: {head}");
-    s
-}
 
 #[test]
 fn tunneled_client_hello_is_read_whole_however_it_is_sent() {
@@ -240,22 +179,6 @@ fn unreadable_client_hellos_are_denied_before_the_upstream_gets_a_byte() {
         "{}",
         fe.metrics()
     );
-}
-
-/// Reads HTTP/1.1 responses from `s` until `n` status lines arrived; returns the codes.
-fn statuses(s: &mut TcpStream, n: usize) -> Vec<u16> {
-    let mut got = String::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while got.matches("HTTP/1.1 ").count() < n && Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => got.push_str(&String::from_utf8_lossy(&buf[..k])),
-        }
-    }
-    got.match_indices("HTTP/1.1 ")
-        .filter_map(|(i, _)| got[i + 9..i + 12].parse().ok())
-        .collect()
 }
 
 #[test]

@@ -9,21 +9,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::egress::{client, first_flight, recut, Recorder};
 use common::netns::{is_root, redirect_app_outbound, PodPair};
 use common::proxy::Mesh;
-use common::{skip, which};
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{skip, spawn_quiet, which};
 
 /// Records the bytes of every connection on :8443 and :8080 into `<dir>/<port>-<n>.bin`
 /// (renamed `.done` when it ends); :8080 answers each request head with `200 ok`.
@@ -152,15 +144,10 @@ fn transparent_egress_deny_host_rules_survive_evasion() {
     let mesh = Mesh::start("attack-egress-transparent", &[]);
     let rec_dir = mesh.dir.path().join("recorded");
     std::fs::create_dir_all(&rec_dir).unwrap();
-    let _server = Guard(
+    let _server = spawn_quiet(
         Command::new("ip")
             .args(["netns", "exec", &external_ns, "python3", "-c", RECORDER])
-            .arg(&rec_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .arg(&rec_dir),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !rec_dir.join("ready").exists() {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::l7::{backend, get, raw_http, RecordingApp, POLICY};
+use common::l7::{assert_refusals_counted, get, raw_http, through, RecordingApp, POLICY};
 use common::proxy::{Mesh, TD};
 
 /// `svidcar policy check` for the frontend calling `path` on the backend: `ALLOW by …` /
@@ -43,8 +43,7 @@ fn check(policy: &Path, path: &str) -> String {
 fn encoded_paths_reach_the_app_normalized_or_not_at_all_h1() {
     let mesh = Mesh::start("attack-l7-paths", &[]);
     let app = RecordingApp::start();
-    let (backend, in_port) = backend(&mesh, "paths.yaml", POLICY, app.port, "strict:http");
-    let (_frontend, out) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let (backend, _frontend, out) = through(&mesh, "paths.yaml", POLICY, app.port, "strict:http");
     let policy = mesh.dir.path().join("paths.yaml");
     // (target, status, the request line the app must receive; None = nothing).
     let cases: &[(&str, u16, Option<&str>)] = &[
@@ -84,10 +83,8 @@ fn encoded_paths_reach_the_app_normalized_or_not_at_all_h1() {
         ("/public/%41", 200, Some("GET /public/A HTTP/1.1")),
     ];
     for (target, status, want) in cases {
-        app.clear();
-        let (got, body) = get(out, target, "");
+        let (got, body, seen) = app.during(|| get(out, target, ""));
         assert_eq!(got, *status, "{target}: {body}");
-        let seen = app.seen();
         match want {
             Some(line) => {
                 assert_eq!(seen.len(), 1, "{target}: app saw {seen:?}");
@@ -134,20 +131,14 @@ fn encoded_paths_reach_the_app_normalized_or_not_at_all_h1() {
         "reason=\"normalize:escaped-slash\"",
         "status=400",
     ]);
-    for reason in [
-        "normalize:escaped-slash",
-        "normalize:bad-escape",
-        "normalize:not-absolute",
-    ] {
-        assert!(
-            backend.metric_sum(&[
-                "svidcar_proxy_http_refused_total",
-                &format!("reason=\"{reason}\"")
-            ]) >= 1.0,
-            "{reason} not counted:\n{}",
-            backend.metrics()
-        );
-    }
+    assert_refusals_counted(
+        &backend,
+        &[
+            "normalize:escaped-slash",
+            "normalize:bad-escape",
+            "normalize:not-absolute",
+        ],
+    );
     assert!(
         backend.metric_sum(&[
             "svidcar_proxy_decisions_total",
@@ -162,8 +153,7 @@ fn escaped_slashes_keep_are_matched_literally_and_forwarded_as_is() {
     let mesh = Mesh::start("attack-l7-keep", &[]);
     let app = RecordingApp::start();
     let yaml = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\ndefaults: {inbound: deny}\nsettings: {escapedSlashes: keep}\npolicies:\n- {name: public, direction: inbound, action: allow, rules: [{to: [{paths: [\"/public/*\"]}]}]}\n- {name: no-xy, direction: inbound, action: deny, rules: [{to: [{paths: [\"/public/x%2fy*\"]}]}]}\n";
-    let (_backend, in_port) = backend(&mesh, "keep.yaml", yaml, app.port, "strict:http");
-    let (_frontend, out) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let (_backend, _frontend, out) = through(&mesh, "keep.yaml", yaml, app.port, "strict:http");
     let policy = mesh.dir.path().join("keep.yaml");
     let cases: &[(&str, u16, Option<&str>)] = &[
         ("/public/a%2fb", 200, Some("GET /public/a%2Fb HTTP/1.1")),
@@ -179,10 +169,8 @@ fn escaped_slashes_keep_are_matched_literally_and_forwarded_as_is() {
         ("/public/%zz", 400, None),
     ];
     for (target, status, want) in cases {
-        app.clear();
-        let (got, body) = get(out, target, "");
+        let (got, body, seen) = app.during(|| get(out, target, ""));
         assert_eq!(got, *status, "{target}: {body}");
-        let seen = app.seen();
         match want {
             Some(line) => assert_eq!(
                 seen.first().and_then(|s| s.lines().next()),
@@ -254,8 +242,7 @@ fn python_http_server_that_decodes_gets_no_admin_file() {
     assert_eq!((status, body.as_str()), (200, "TOP SECRET\n"));
     let direct = std::fs::read_to_string(&log).unwrap().lines().count();
 
-    let (_backend, in_port) = backend(&mesh, "py.yaml", POLICY, port, "strict:http");
-    let (_frontend, out) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let (_backend, _frontend, out) = through(&mesh, "py.yaml", POLICY, port, "strict:http");
     assert_eq!(
         get(out, "/public/index.html", ""),
         (200, "public page\n".into())

@@ -8,17 +8,16 @@
 mod common;
 
 use common::l7::{
-    backend, get, h2_send, h2req, header_lines, raw_http, H2Outcome, RecordingApp, RecordingH2App,
-    OWN_XFCC, POLICY,
+    assert_refusals_counted, backend, get, h2_send, h2req, header_lines, raw_http, through,
+    H2Outcome, RecordingApp, RecordingH2App, OWN_XFCC, POLICY,
 };
-use common::proxy::{Mesh, TD};
+use common::proxy::Mesh;
 
 #[test]
 fn one_authority_per_request_h1() {
     let mesh = Mesh::start("attack-l7-authority", &[]);
     let app = RecordingApp::start();
-    let (backend, in_port) = backend(&mesh, "auth.yaml", POLICY, app.port, "strict:http");
-    let (_frontend, out) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let (backend, _frontend, out) = through(&mesh, "auth.yaml", POLICY, app.port, "strict:http");
     // (request head without the final CRLF, status, the one `host` the app must receive).
     let cases: &[(&str, u16, Option<&str>)] = &[
         (
@@ -107,10 +106,9 @@ fn one_authority_per_request_h1() {
         ("GET http://Admin.Internal./public/g HTTP/1.1", 403, None),
     ];
     for (head, status, want_host) in cases {
-        app.clear();
-        let (got, body) = raw_http(out, &format!("{head}\r\nConnection: close\r\n\r\n"));
+        let request = format!("{head}\r\nConnection: close\r\n\r\n");
+        let (got, body, seen) = app.during(|| raw_http(out, &request));
         assert_eq!(got, *status, "{head:?}: {body}");
-        let seen = app.seen();
         match want_host {
             Some(h) => {
                 assert_eq!(seen.len(), 1, "{head:?}: {seen:?}");
@@ -127,29 +125,22 @@ fn one_authority_per_request_h1() {
         }
     }
     backend.wait_log(&["request refused", "reason=\"authority:host-mismatch\""]);
-    for reason in [
-        "authority:host-mismatch",
-        "authority:duplicate-host",
-        "authority:missing",
-        "authority:invalid",
-    ] {
-        assert!(
-            backend.metric_sum(&[
-                "svidcar_proxy_http_refused_total",
-                &format!("reason=\"{reason}\"")
-            ]) >= 1.0,
-            "{reason} not counted:\n{}",
-            backend.metrics()
-        );
-    }
+    assert_refusals_counted(
+        &backend,
+        &[
+            "authority:host-mismatch",
+            "authority:duplicate-host",
+            "authority:missing",
+            "authority:invalid",
+        ],
+    );
 }
 
 #[test]
 fn xfcc_is_the_sidecars_own_h1_and_plaintext() {
     let mesh = Mesh::start("attack-l7-xfcc", &[]);
     let app = RecordingApp::start();
-    let (_backend, in_port) = backend(&mesh, "xfcc.yaml", POLICY, app.port, "strict:http");
-    let (_frontend, out) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let (_backend, _frontend, out) = through(&mesh, "xfcc.yaml", POLICY, app.port, "strict:http");
     let forged = "X-Forwarded-Client-Cert: By=spiffe://svidcar.local/backend;URI=spiffe://svidcar.local/admin\r\nx-forwarded-client-cert: URI=spiffe://svidcar.local/root\r\n";
     let (status, body) = get(out, "/public/x", forged);
     assert_eq!(status, 200, "{body}");
@@ -180,10 +171,8 @@ fn xfcc_is_the_sidecars_own_h1_and_plaintext() {
         app.port,
         "permissive:http",
     );
-    app.clear();
-    let (status, body) = get(plain_port, "/public/plain", forged);
+    let (status, body, seen) = app.during(|| get(plain_port, "/public/plain", forged));
     assert_eq!(status, 200, "{body}");
-    let seen = app.seen();
     assert_eq!(seen.len(), 1);
     assert!(
         seen[0].starts_with("GET /public/plain HTTP/1.1"),
@@ -206,8 +195,7 @@ fn http2_paths_authority_pseudo_headers_and_xfcc() {
     let mesh = Mesh::start("attack-l7-h2", &[]);
     // The app speaks only HTTP/2 (prior knowledge): the port says so (`h2`), as an operator would.
     let app = RecordingH2App::start();
-    let (_backend, in_port) = backend(&mesh, "h2.yaml", POLICY, app.port, "strict:h2");
-    let (_frontend, out) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let (_backend, _frontend, out) = through(&mesh, "h2.yaml", POLICY, app.port, "strict:h2");
     let clear = || app.seen.lock().unwrap().clear();
     let send = |fields: Vec<(String, String)>| h2_send(out, &fields);
     // Allowed: what the app receives is the evaluated authority and path, one XFCC.

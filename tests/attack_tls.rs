@@ -10,9 +10,11 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use common::hostile::{client_config, mux_connect, AgentCa, Leaf};
+use common::hostile::{
+    client_config, mux_connect, short_lived, until_past, Partner, PARTNER_POLICY,
+};
 use common::proxy::{http_get, Mesh, TD};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::HandshakeKind;
@@ -57,37 +59,9 @@ impl RecordingApp {
     }
 }
 
-fn since_epoch(t: SystemTime) -> Duration {
-    t.duration_since(UNIX_EPOCH).unwrap()
-}
-
-/// An SVID for `id` signed by the agent's CA, valid from a minute ago for `life`; returns the
-/// chain, the key and when it expires.
-fn short_lived(
-    ca: &AgentCa,
-    id: &str,
-    life: Duration,
-) -> (
-    Vec<CertificateDer<'static>>,
-    PrivateKeyDer<'static>,
-    SystemTime,
-) {
-    let now = SystemTime::now();
-    let end = now + life;
-    let (chain, key) = ca.forge_with(&Leaf::svid(id), |p| {
-        p.not_before =
-            rcgen::date_time_ymd(1970, 1, 1) + since_epoch(now - Duration::from_secs(60));
-        p.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(end);
-    });
-    (chain, key, end)
-}
-
-/// Sleeps until `t` is safely in the past (X.509 times have whole seconds).
+/// Sleeps until `t` is safely in the past.
 fn wait_past(t: SystemTime) {
-    let until = t + Duration::from_millis(1500);
-    if let Ok(left) = until.duration_since(SystemTime::now()) {
-        std::thread::sleep(left);
-    }
+    std::thread::sleep(until_past(t));
 }
 
 /// One HTTP request over mTLS to `port` with `config` (a config reused resumes): the handshake
@@ -118,9 +92,7 @@ fn a_resumed_session_of_an_expired_peer_is_refused_inbound() {
     let mesh = Mesh::start("attack-tls-expired", &[]);
     let app = RecordingApp::start();
     let (backend, port) = mesh.backend(app.port, "strict");
-    let ca = AgentCa::load(&mesh.agent.state_dir);
-    let id = format!("spiffe://{TD}/frontend");
-    let (chain, key, end) = short_lived(&ca, &id, Duration::from_secs(5));
+    let (chain, key, end) = short_lived(&mesh, "frontend", Duration::from_secs(5));
     let config = client_config(chain, key, b"svidcar/1").unwrap();
 
     let (kind, _) = exchange(port, &config).expect("full handshake");
@@ -150,27 +122,12 @@ fn a_resumed_session_of_an_expired_peer_is_refused_inbound() {
 
 #[test]
 fn a_resumed_session_of_a_peer_whose_trust_domain_left_the_bundles_is_refused() {
-    use rustls::pki_types::pem::PemObject;
-    let dir = common::TempDir::new("attack-tls-td");
-    let (chain_file, key_file) = common::proxy::foreign_svid(dir.path(), "partner.test");
-    let text = std::fs::read_to_string(&chain_file).unwrap();
-    let root = &text[text.rfind("-----BEGIN CERTIFICATE-----").unwrap()..];
-    let fed = dir.path().join("partner.pem");
-    std::fs::write(&fed, root).unwrap();
-    let mesh = Mesh::start(
-        "attack-tls-td",
-        &["--federate", &format!("partner.test={}", fed.display())],
-    );
+    let partner = Partner::start("attack-tls-td");
     let app = RecordingApp::start();
-    let policy = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: partner\n  \
-                  direction: inbound\n  action: allow\n  rules:\n  - from: [{trustDomains: \
-                  [\"partner.test\"]}]\n";
-    let (backend, port) = mesh.policy_backend(policy, app.port, "strict");
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&chain_file)
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&key_file).unwrap();
+    let (backend, port) = partner
+        .mesh
+        .policy_backend(PARTNER_POLICY, app.port, "strict");
+    let (chain, key) = (partner.chain.clone(), partner.key.clone_key());
     let config = client_config(chain, key, b"svidcar/1").unwrap();
 
     assert_eq!(
@@ -184,16 +141,7 @@ fn a_resumed_session_of_a_peer_whose_trust_domain_left_the_bundles_is_refused() 
     assert_eq!(app.connections(), 2);
 
     // The operator revokes the partner domain: an empty key set (SPIFFE: domain removed).
-    let installs = backend.metric_sum(&["svidcar_proxy_svid_installs_total"]);
-    std::fs::write(&fed, "{\"keys\": []}\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while backend.metric_sum(&["svidcar_proxy_svid_installs_total"]) <= installs {
-        assert!(
-            Instant::now() < deadline,
-            "the backend never got the new bundles"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    partner.revoke(&backend);
     let r = exchange(port, &config);
     assert!(
         r.is_err(),
@@ -208,6 +156,23 @@ fn a_resumed_session_of_a_peer_whose_trust_domain_left_the_bundles_is_refused() 
     backend.wait_log(&["handshake_failed", "partner.test"]);
 }
 
+/// A TLS 1.3 server config presenting `chain` (no client auth), offering `alpn`.
+fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> rustls::ServerConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config
+}
+
 /// Per connection: the handshake kind (None: failed) and whether a request arrived.
 type Seen = Arc<Mutex<Vec<(Option<HandshakeKind>, bool)>>>;
 
@@ -220,14 +185,7 @@ struct FakeUpstream {
 
 impl FakeUpstream {
     fn start(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Self {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"svidcar/1".to_vec()];
+        let mut config = server_config(chain, key, b"svidcar/1");
         config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().unwrap();
         let config = Arc::new(config);
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -270,9 +228,8 @@ impl FakeUpstream {
 #[test]
 fn an_upstream_whose_certificate_expired_is_not_resumed_outbound() {
     let mesh = Mesh::start("attack-tls-outbound", &[]);
-    let ca = AgentCa::load(&mesh.agent.state_dir);
     let backend_id = format!("spiffe://{TD}/backend");
-    let (chain, key, end) = short_lived(&ca, &backend_id, Duration::from_secs(5));
+    let (chain, key, end) = short_lived(&mesh, "backend", Duration::from_secs(5));
     let upstream = FakeUpstream::start(chain, key);
     let (frontend, port) = mesh.frontend(upstream.port, &backend_id);
     let get = || http_get(([127, 0, 0, 1], port).into(), "/");
@@ -350,9 +307,7 @@ fn a_mux_peer_whose_svid_expired_opens_no_new_stream() {
     let mesh = Mesh::start("attack-tls-mux", &[]);
     let app = RecordingApp::start();
     let (backend, port) = mesh.backend(app.port, "strict");
-    let ca = AgentCa::load(&mesh.agent.state_dir);
-    let id = format!("spiffe://{TD}/frontend");
-    let (chain, key, end) = short_lived(&ca, &id, Duration::from_secs(5));
+    let (chain, key, end) = short_lived(&mesh, "frontend", Duration::from_secs(5));
     runtime().block_on(async {
         let (client, conn) = mux_connect(port, chain, key).await.expect("mux connect");
         let (status, body) = connect_get(&client, port).await;
@@ -361,10 +316,7 @@ fn a_mux_peer_whose_svid_expired_opens_no_new_stream() {
         assert_eq!(app.connections(), 1);
 
         // Its SVID expires while the carrier stays open: no new stream gets through.
-        let left = (end + Duration::from_millis(1500))
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        tokio::time::sleep(left).await;
+        tokio::time::sleep(until_past(end)).await;
         let (status, _) = connect_get(&client, port).await;
         assert!(status == 403 || status == 0, "an expired peer got {status}");
         let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
@@ -387,14 +339,7 @@ fn fake_mux_upstream(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> (u16, Arc<Mutex<(usize, usize)>>) {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"svidcar-mux/1".to_vec()];
+    let config = server_config(chain, key, b"svidcar-mux/1");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let std = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = std.local_addr().unwrap().port();
@@ -438,9 +383,8 @@ fn fake_mux_upstream(
 #[test]
 fn a_pooled_connection_is_not_used_past_the_upstream_certificate() {
     let mesh = Mesh::start("attack-tls-pool", &[]);
-    let ca = AgentCa::load(&mesh.agent.state_dir);
     let backend_id = format!("spiffe://{TD}/backend");
-    let (chain, key, end) = short_lived(&ca, &backend_id, Duration::from_secs(5));
+    let (chain, key, end) = short_lived(&mesh, "backend", Duration::from_secs(5));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -8,41 +8,15 @@ mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::hostile::{mtls_connect, mux_connect, AgentCa, Leaf};
+use common::hostile::{
+    mtls_connect, mux_connect, short_lived, until_past, Partner, PARTNER_POLICY,
+};
 use common::l7::RecordingApp;
-use common::proxy::{Mesh, TD};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use common::proxy::{Mesh, Sidecar};
 
 type Tls = BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
-
-/// An SVID for `id` signed by the agent's CA, valid from a minute ago for `life`.
-fn short_lived(
-    ca: &AgentCa,
-    id: &str,
-    life: Duration,
-) -> (
-    Vec<CertificateDer<'static>>,
-    PrivateKeyDer<'static>,
-    SystemTime,
-) {
-    let since = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap();
-    let now = SystemTime::now();
-    let end = now + life;
-    let (chain, key) = ca.forge_with(&Leaf::svid(id), |p| {
-        p.not_before = rcgen::date_time_ymd(1970, 1, 1) + since(now - Duration::from_secs(60));
-        p.not_after = rcgen::date_time_ymd(1970, 1, 1) + since(end);
-    });
-    (chain, key, end)
-}
-
-/// How long until `t` is safely in the past (X.509 times have whole seconds).
-fn until_past(t: SystemTime) -> Duration {
-    (t + Duration::from_millis(1500))
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
-}
 
 /// One keep-alive `GET path` on `tls`: the status and the response head (lowercase), or how
 /// the exchange failed (the connection was closed).
@@ -91,17 +65,24 @@ fn requests(app: &RecordingApp) -> Vec<String> {
         .collect()
 }
 
+/// After an expired peer's last request: the app got `/one` and `/two` only, and the backend
+/// logged why it refused the rest.
+fn only_before_expiry(app: &RecordingApp, backend: &Sidecar) {
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        requests(app),
+        ["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
+        "the app got a request from an expired peer"
+    );
+    backend.wait_log(&["peer_invalid", "expired"]);
+}
+
 #[test]
 fn an_http_keep_alive_connection_ends_at_the_peers_expiry() {
     let mesh = Mesh::start("attack-ka-expiry", &[]);
     let app = RecordingApp::start();
     let (backend, port) = mesh.backend(app.port, "strict:http");
-    let ca = AgentCa::load(&mesh.agent.state_dir);
-    let (chain, key, end) = short_lived(
-        &ca,
-        &format!("spiffe://{TD}/frontend"),
-        Duration::from_secs(5),
-    );
+    let (chain, key, end) = short_lived(&mesh, "frontend", Duration::from_secs(5));
     let mut tls = BufReader::new(mtls_connect(port, chain, key).expect("connect"));
     assert_eq!(get(&mut tls, "/one").expect("valid peer").0, 200);
     assert_eq!(get(&mut tls, "/two").expect("same connection").0, 200);
@@ -113,52 +94,22 @@ fn an_http_keep_alive_connection_ends_at_the_peers_expiry() {
         r.is_err() || r.as_ref().unwrap().0 == 403,
         "an expired peer was served: {r:?}"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        requests(&app),
-        ["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
-        "the app got a request from an expired peer"
-    );
-    backend.wait_log(&["peer_invalid", "expired"]);
+    only_before_expiry(&app, &backend);
 }
 
 #[test]
 fn a_keep_alive_request_after_the_peers_trust_domain_left_the_bundles_is_refused() {
-    use rustls::pki_types::pem::PemObject;
-    let dir = common::TempDir::new("attack-ka-td");
-    let (chain_file, key_file) = common::proxy::foreign_svid(dir.path(), "partner.test");
-    let text = std::fs::read_to_string(&chain_file).unwrap();
-    let root = &text[text.rfind("-----BEGIN CERTIFICATE-----").unwrap()..];
-    let fed = dir.path().join("partner.pem");
-    std::fs::write(&fed, root).unwrap();
-    let mesh = Mesh::start(
-        "attack-ka-td",
-        &["--federate", &format!("partner.test={}", fed.display())],
-    );
+    let partner = Partner::start("attack-ka-td");
     let app = RecordingApp::start();
-    let policy = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: partner\n  \
-                  direction: inbound\n  action: allow\n  rules:\n  - from: [{trustDomains: \
-                  [\"partner.test\"]}]\n";
-    let (backend, port) = mesh.policy_backend(policy, app.port, "strict:http");
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&chain_file)
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&key_file).unwrap();
+    let (backend, port) = partner
+        .mesh
+        .policy_backend(PARTNER_POLICY, app.port, "strict:http");
+    let (chain, key) = (partner.chain.clone(), partner.key.clone_key());
     let mut tls = BufReader::new(mtls_connect(port, chain, key).expect("connect"));
     assert_eq!(get(&mut tls, "/one").expect("federated peer").0, 200);
 
     // The operator revokes the partner domain while the connection is kept alive.
-    let installs = backend.metric_sum(&["svidcar_proxy_svid_installs_total"]);
-    std::fs::write(&fed, "{\"keys\": []}\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while backend.metric_sum(&["svidcar_proxy_svid_installs_total"]) <= installs {
-        assert!(
-            Instant::now() < deadline,
-            "the backend never got the new bundles"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    partner.revoke(&backend);
     let (status, head) = get(&mut tls, "/two").expect("an answer");
     assert_eq!(status, 403, "{head}");
     assert!(head.contains("connection: close"), "{head}");
@@ -229,12 +180,7 @@ fn a_mux_stream_carrying_keep_alive_http_ends_at_the_peers_expiry() {
     let mesh = Mesh::start("attack-ka-mux", &[]);
     let app = RecordingApp::start();
     let (backend, port) = mesh.backend(app.port, "strict:http");
-    let ca = AgentCa::load(&mesh.agent.state_dir);
-    let (chain, key, end) = short_lived(
-        &ca,
-        &format!("spiffe://{TD}/frontend"),
-        Duration::from_secs(5),
-    );
+    let (chain, key, end) = short_lived(&mesh, "frontend", Duration::from_secs(5));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -262,11 +208,5 @@ fn a_mux_stream_carrying_keep_alive_http_ends_at_the_peers_expiry() {
             "an expired peer was served: {status}"
         );
     });
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        requests(&app),
-        ["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
-        "the app got a request from an expired peer"
-    );
-    backend.wait_log(&["peer_invalid", "expired"]);
+    only_before_expiry(&app, &backend);
 }

@@ -27,19 +27,7 @@ fn ca_pem(td: &str) -> String {
 }
 
 async fn sds(socket: &std::path::Path) -> SecretDiscoveryServiceClient<Channel> {
-    let p = socket.to_path_buf();
-    let ch = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .expect("connect SDS");
-    SecretDiscoveryServiceClient::new(ch)
+    SecretDiscoveryServiceClient::new(common::unix_channel(socket).await)
 }
 
 async fn fetch(

@@ -270,20 +270,12 @@ fn go_spiffe_client_reaches_a_plaintext_app_through_svidcar_inbound() {
     let (backend, port) = mesh.backend(app, "strict:tcp");
     let addr = format!("127.0.0.1:{port}");
     let backend_id = format!("spiffe://{TD}/backend");
+    let dial = |authorize: &str, msg: &str| {
+        let args = ["dial", "-addr", &addr, "-authorize", authorize, "-msg", msg];
+        run_go(&client, &mesh.agent.socket, &args)
+    };
 
-    let (ok, out, err) = run_go(
-        &client,
-        &mesh.agent.socket,
-        &[
-            "dial",
-            "-addr",
-            &addr,
-            "-authorize",
-            &backend_id,
-            "-msg",
-            "hello from go-spiffe",
-        ],
-    );
+    let (ok, out, err) = dial(&backend_id, "hello from go-spiffe");
     assert!(ok, "{err}\nbackend log:\n{}", backend.log_text());
     assert_eq!(
         out[0]["server"],
@@ -297,19 +289,7 @@ fn go_spiffe_client_reaches_a_plaintext_app_through_svidcar_inbound() {
         .contains(&"hello from go-spiffe\n".to_string()));
 
     // Authorizing another ID: go-spiffe refuses the sidecar, nothing reaches the app.
-    let (ok, out, err) = run_go(
-        &client,
-        &mesh.agent.socket,
-        &[
-            "dial",
-            "-addr",
-            &addr,
-            "-authorize",
-            &format!("spiffe://{TD}/not-the-backend"),
-            "-msg",
-            "must not arrive",
-        ],
-    );
+    let (ok, out, err) = dial(&format!("spiffe://{TD}/not-the-backend"), "must not arrive");
     assert!(!ok && out.is_empty(), "{out:?}");
     assert!(
         err.contains("unexpected ID") && err.contains(&backend_id),

@@ -27,17 +27,11 @@ fn id(path: &str) -> String {
 /// A backend sidecar with a `tcp` and an `http` inbound port to `app_port`: (sidecar, tcp, http).
 fn backend_tcp_and_http(mesh: &Mesh, app_port: u16) -> (Sidecar, u16, u16) {
     let (tcp, http) = (free_port(), free_port());
-    let sc = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{tcp}={app_port}"),
-            "--inbound".into(),
-            format!("127.0.0.1:{http}={app_port}:strict:http"),
-        ],
-    );
-    (sc, tcp, http)
+    let inbounds = [
+        format!("127.0.0.1:{tcp}={app_port}"),
+        format!("127.0.0.1:{http}={app_port}:strict:http"),
+    ];
+    (mesh.inbound_backend(&inbounds, &[]), tcp, http)
 }
 
 /// A log line of `sc` with all of `needles`, if any.
@@ -452,36 +446,16 @@ fn curl_with_an_svid_reaches_an_http_port_over_http1_and_http2() {
 /// A cleartext HTTP/2-only app (prior knowledge, the `h2` crate): answers every request with
 /// `h2 app: <method> <path> host <authority host>`; anything but HTTP/2 fails its handshake.
 fn h2c_app() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(s).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        let host = req.uri().host().unwrap_or("-").to_string();
-                        let body = format!(
-                            "h2 app: {} {} host {host}\n",
-                            req.method(),
-                            req.uri().path_and_query().map_or("", |p| p.as_str())
-                        );
-                        let resp = http::Response::builder().status(200).body(()).unwrap();
-                        if let Ok(mut send) = respond.send_response(resp, false) {
-                            let _ = send.send_data(bytes::Bytes::from(body), true);
-                        }
-                    }
-                });
-            }
-        });
-    });
-    port
+    common::l7::h2c_server(|req, mut respond| {
+        let host = req.uri().host().unwrap_or("-").to_string();
+        let body = format!(
+            "h2 app: {} {} host {host}\n",
+            req.method(),
+            req.uri().path_and_query().map_or("", |p| p.as_str())
+        );
+        let resp = http::Response::builder().status(200).body(()).unwrap();
+        if let Ok(mut send) = respond.send_response(resp, false) {
+            let _ = send.send_data(bytes::Bytes::from(body), true);
+        }
+    })
 }

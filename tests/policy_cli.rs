@@ -51,19 +51,13 @@ fn svidcar(args: &[&str]) -> Output {
         .expect("run svidcar")
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[test]
-fn check_text_names_decision_rule_and_per_rule_reasons() {
-    let dir = dir_with("text", &[("p.yaml", SET)]);
-    let d = dir.to_str().unwrap();
-    let o = svidcar(&[
+/// `policy check -f <dir>` for the frontend calling `GET <path>` on the catalog's port 8080.
+fn frontend_get<'a>(dir: &'a str, path: &'a str) -> Vec<&'a str> {
+    vec![
         "policy",
         "check",
         "-f",
-        d,
+        dir,
         "--local-id",
         "spiffe://td/ns/shop/sa/catalog",
         "--direction",
@@ -75,8 +69,19 @@ fn check_text_names_decision_rule_and_per_rule_reasons() {
         "--method",
         "GET",
         "--path",
-        "/catalog//x",
-    ]);
+        path,
+    ]
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn check_text_names_decision_rule_and_per_rule_reasons() {
+    let dir = dir_with("text", &[("p.yaml", SET)]);
+    let d = dir.to_str().unwrap();
+    let o = svidcar(&frontend_get(d, "/catalog//x"));
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -270,24 +275,7 @@ fn check_reports_normalize_refusals_like_the_proxy() {
     let dir = dir_with("normalize", &[("p.yaml", SET)]);
     let keep_dir = dir_with("normalize-keep", &[("p.yaml", &keep)]);
     let check = |d: &PathBuf, path: &str, json: bool| {
-        let mut args = vec![
-            "policy",
-            "check",
-            "-f",
-            d.to_str().unwrap(),
-            "--local-id",
-            "spiffe://td/ns/shop/sa/catalog",
-            "--direction",
-            "inbound",
-            "--peer",
-            "spiffe://td/ns/shop/sa/frontend",
-            "--port",
-            "8080",
-            "--method",
-            "GET",
-            "--path",
-            path,
-        ];
+        let mut args = frontend_get(d.to_str().unwrap(), path);
         if json {
             args.extend(["--output", "json"]);
         }

@@ -8,20 +8,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{is_root, redirect_app_outbound, PodPair};
 use common::proxy::{Mesh, TestApp};
-use common::{free_port, skip, which};
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{free_port, skip, spawn_quiet, which};
 
 fn resolves_to_loopback(name: &str) -> bool {
     use std::net::ToSocketAddrs;
@@ -66,7 +58,7 @@ fn egress_proxy_decides_connect_then_sni_and_plain_requests() {
     let app = TestApp::start("plain-app");
     let (cert, key) = common::proxy::foreign_svid(mesh.dir.path(), "external.example");
     let tls_port = free_port();
-    let _server = Guard(
+    let _server = spawn_quiet(
         Command::new("openssl")
             .args(["s_server", "-quiet", "-www", "-accept"])
             .arg(format!("127.0.0.1:{tls_port}"))
@@ -75,12 +67,7 @@ fn egress_proxy_decides_connect_then_sni_and_plain_requests() {
                 cert.to_str().unwrap(),
                 "-key",
                 key.to_str().unwrap(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            ]),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
@@ -256,15 +243,10 @@ fn transparent_plaintext_http_egress_decided_per_request() {
     let pair = PodPair::new("eh");
     let (client_ns, external_ns) = (pair.peer.clone(), pair.pod.clone());
     let mesh = Mesh::start("proxy-egress-http", &[]);
-    let _server = Guard(
+    let _server = spawn_quiet(
         Command::new("ip")
             .args(["netns", "exec", &external_ns, "python3", "-c"])
-            .arg(ECHO_PATH_SERVER)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .arg(ECHO_PATH_SERVER),
     );
     redirect_app_outbound("iptables", &client_ns, 8080);
     let frontend = mesh.transparent_egress_frontend(

@@ -184,3 +184,105 @@ pub fn end_flood(mut child: Child) {
     drop(child.stdin.take());
     let _ = child.wait();
 }
+
+/// An agent whose one entry `spiffe://svidcar.local/app` is for uid 0 running the copy
+/// `registered-app` of python3 (`extra`: more agent flags), with the attack script beside it.
+pub struct Registered {
+    /// The system python3 (an unregistered binary of the same uid).
+    pub py: PathBuf,
+    pub script: PathBuf,
+    /// The registered binary.
+    pub registered: PathBuf,
+    pub agent: super::Agent,
+    pub dir: super::TempDir,
+}
+
+impl Registered {
+    /// `None` after `skip` (not root, or no python3 ELF binary).
+    pub fn start(tag: &str, extra: &[&str]) -> Option<Self> {
+        let py = python()?;
+        let dir = super::TempDir::new(tag);
+        let script = script(dir.path());
+        let registered = python_copy(&py, dir.path(), "registered-app");
+        let entry = format!(
+            "spiffe://svidcar.local/app=unix:uid:0,unix:path:{}",
+            registered.display()
+        );
+        let args: Vec<&str> = ["--entry", entry.as_str()]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        let agent = super::Agent::start_in(dir.path(), &args);
+        Some(Self {
+            py,
+            script,
+            registered,
+            agent,
+            dir,
+        })
+    }
+
+    /// The agent socket, the script and the registered binary, as arguments.
+    pub fn args(&self) -> (&str, &str, &str) {
+        (
+            self.agent.socket.to_str().unwrap(),
+            self.script.to_str().unwrap(),
+            self.registered.to_str().unwrap(),
+        )
+    }
+}
+
+/// True if `prlimit` and `setpriv` (util-linux) are there; otherwise `skip`s.
+pub fn flood_tools() -> bool {
+    if super::which("prlimit").is_none() || super::which("setpriv").is_none() {
+        super::skip("needs prlimit and setpriv (util-linux)");
+        return false;
+    }
+    true
+}
+
+/// Starts `svidcar agent` with `args` and expects it to refuse to start: returns its stderr.
+pub fn agent_refuses(args: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .args(["agent", "--health-addr", "off"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agent");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(!status.success(), "agent exited 0: {err}");
+            return err;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent started with {args:?}; it should have refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The agent refuses to start with `args`, naming each of `want` and a `fix:`, and leaves no
+/// socket at `sock`.
+pub fn assert_refused(args: &[&str], want: &[&str], sock: &Path) {
+    let err = agent_refuses(args);
+    for w in want {
+        assert!(err.contains(w), "want {w:?} in: {err}");
+    }
+    assert!(err.contains("fix:"), "{err}");
+    assert!(!sock.exists(), "refused agent left a socket");
+}
+
+pub fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}

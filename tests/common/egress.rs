@@ -9,6 +9,8 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::proxy::{Mesh, Sidecar};
+
 /// Names in the upstream's certificate (so that a leaked connection would complete).
 pub const NAMES: [&str; 3] = ["allowed.test", "evil.test", "localhost"];
 
@@ -294,4 +296,86 @@ pub fn refused(s: &mut TcpStream) -> bool {
         Ok(_) => false,
         Err(e) => matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe),
     }
+}
+
+/// The header of a policy set file.
+pub const HEAD: &str = "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\n";
+
+/// True if `name` resolves to a loopback address.
+pub fn resolves_to_loopback(name: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    (name, 1)
+        .to_socket_addrs()
+        .map(|mut a| a.next().is_some_and(|a| a.ip().is_loopback()))
+        .unwrap_or(false)
+}
+
+/// An egress-proxy sidecar allowing the names `localhost` and `allowed.test` (implicit default
+/// deny), with a 2 s handshake timeout; returns it and the proxy port.
+pub fn egress_proxy(mesh: &Mesh) -> (Sidecar, u16) {
+    let policy = mesh.dir.path().join("egress.yaml");
+    std::fs::write(
+        &policy,
+        format!("{HEAD}policies:\n- name: tunnel\n  direction: egress\n  action: allow\n  rules:\n  - to: [{{ hosts: [\"localhost\", \"allowed.test\"] }}]\n"),
+    )
+    .unwrap();
+    let cfg = mesh.dir.path().join("egress-limits.yaml");
+    std::fs::write(&cfg, "limits:\n  handshake_timeout: 2s\n").unwrap();
+    let port = super::free_port();
+    let sc = mesh.sidecar(
+        "frontend",
+        &mesh.frontend_bin.clone(),
+        &[
+            "--config".into(),
+            cfg.display().to_string(),
+            "--policy".into(),
+            policy.display().to_string(),
+            "--egress-proxy".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+    );
+    (sc, port)
+}
+
+/// Reads up to and including the end of a response head, byte by byte (nothing more).
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A CONNECT tunnel to `localhost:<port>` through the egress proxy.
+pub fn tunnel(proxy: u16, port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "CONNECT: {head}");
+    s
+}
+
+/// Reads HTTP/1.1 responses from `s` until `n` status lines arrived; returns the codes.
+pub fn statuses(s: &mut TcpStream, n: usize) -> Vec<u16> {
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.matches("HTTP/1.1 ").count() < n && Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got.push_str(&String::from_utf8_lossy(&buf[..k])),
+        }
+    }
+    got.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| got[i + 9..i + 12].parse().ok())
+        .collect()
 }

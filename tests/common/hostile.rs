@@ -371,3 +371,94 @@ pub fn read_until_end(
     }
     None
 }
+
+/// An SVID for `spiffe://<TD>/<path>` signed by `mesh`'s agent CA, valid from a minute ago
+/// for `life`; returns the chain, the key and when it expires.
+pub fn short_lived(
+    mesh: &Mesh,
+    path: &str,
+    life: Duration,
+) -> (
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+    std::time::SystemTime,
+) {
+    let since = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = std::time::SystemTime::now();
+    let end = now + life;
+    let ca = AgentCa::load(&mesh.agent.state_dir);
+    let id = format!("spiffe://{}/{path}", super::proxy::TD);
+    let (chain, key) = ca.forge_with(&Leaf::svid(&id), |p| {
+        p.not_before = rcgen::date_time_ymd(1970, 1, 1) + since(now - Duration::from_secs(60));
+        p.not_after = rcgen::date_time_ymd(1970, 1, 1) + since(end);
+    });
+    (chain, key, end)
+}
+
+/// How long until `t` is safely in the past (X.509 times have whole seconds).
+pub fn until_past(t: std::time::SystemTime) -> Duration {
+    (t + Duration::from_millis(1500))
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default()
+}
+
+/// A policy allowing inbound peers of the trust domain `partner.test`.
+pub const PARTNER_POLICY: &str =
+    "apiVersion: svidcar.io/v1alpha1\nkind: PolicySet\npolicies:\n- name: partner\n  \
+                  direction: inbound\n  action: allow\n  rules:\n  - from: [{trustDomains: \
+                  [\"partner.test\"]}]\n";
+
+/// A peer of the foreign trust domain `partner.test`, federated with a mesh through the bundle
+/// file `fed` (its root); the operator can revoke the domain.
+pub struct Partner {
+    pub mesh: Mesh,
+    /// The bundle file the mesh's agent federates `partner.test` from.
+    pub fed: PathBuf,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    _dir: super::TempDir,
+}
+
+impl Partner {
+    /// A mesh `tag` whose agent federates `partner.test`, and an SVID of that domain.
+    pub fn start(tag: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        let dir = super::TempDir::new(tag);
+        let (chain_file, key_file) = super::proxy::foreign_svid(dir.path(), "partner.test");
+        let text = std::fs::read_to_string(&chain_file).unwrap();
+        let root = &text[text.rfind("-----BEGIN CERTIFICATE-----").unwrap()..];
+        let fed = dir.path().join("partner.pem");
+        std::fs::write(&fed, root).unwrap();
+        let mesh = Mesh::start(
+            tag,
+            &["--federate", &format!("partner.test={}", fed.display())],
+        );
+        let chain: Vec<_> = CertificateDer::pem_file_iter(&chain_file)
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&key_file).unwrap();
+        Self {
+            mesh,
+            fed,
+            chain,
+            key,
+            _dir: dir,
+        }
+    }
+
+    /// The operator revokes the partner domain (an empty key set: SPIFFE's "domain removed");
+    /// returns once `backend` installed the new bundles.
+    pub fn revoke(&self, backend: &Sidecar) {
+        let installs = backend.metric_sum(&["svidcar_proxy_svid_installs_total"]);
+        std::fs::write(&self.fed, "{\"keys\": []}\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while backend.metric_sum(&["svidcar_proxy_svid_installs_total"]) <= installs {
+            assert!(
+                Instant::now() < deadline,
+                "the backend never got the new bundles"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

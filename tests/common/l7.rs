@@ -45,6 +45,14 @@ impl RecordingApp {
     pub fn clear(&self) {
         self.seen.lock().unwrap().clear();
     }
+
+    /// Forgets what was received, runs `exchange` (a client call: status and body) and returns
+    /// its answer and what the app received meanwhile.
+    pub fn during(&self, exchange: impl FnOnce() -> (u16, String)) -> (u16, String, Vec<String>) {
+        self.clear();
+        let (status, body) = exchange();
+        (status, body, self.seen())
+    }
 }
 
 fn serve_recording(s: TcpStream, seen: &Seen) {
@@ -85,6 +93,42 @@ fn serve_recording(s: TcpStream, seen: &Seen) {
     }
 }
 
+/// A cleartext HTTP/2 (prior knowledge) server on loopback calling `handle` for each request
+/// (anything but HTTP/2 fails its handshake); returns its port.
+pub fn h2c_server(
+    handle: impl Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>)
+        + Send
+        + Sync
+        + 'static,
+) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind app");
+    l.set_nonblocking(true).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            while let Ok((s, _)) = l.accept().await {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        handle(req, respond);
+                    }
+                });
+            }
+        });
+    });
+    port
+}
+
 /// An HTTP/2 (prior knowledge) app recording each request as lines `:method M`,
 /// `:scheme S`, `:authority A` (if any), `:path P`, then `name: value` per header, and
 /// answering `200` with those lines as the body (and, for `content-type: application/grpc…`,
@@ -96,64 +140,43 @@ pub struct RecordingH2App {
 
 impl RecordingH2App {
     pub fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind app");
-        l.set_nonblocking(true).unwrap();
-        let port = l.local_addr().unwrap().port();
         let seen: Seen = Arc::default();
         let s2 = seen.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(l).unwrap();
-                while let Ok((s, _)) = l.accept().await {
-                    let seen = s2.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut conn) = h2::server::handshake(s).await else {
-                            return;
-                        };
-                        while let Some(Ok((req, mut respond))) = conn.accept().await {
-                            let u = req.uri();
-                            let mut lines = vec![
-                                format!(":method {}", req.method()),
-                                format!(":scheme {}", u.scheme_str().unwrap_or("-")),
-                            ];
-                            if let Some(a) = u.authority() {
-                                lines.push(format!(":authority {a}"));
-                            }
-                            lines.push(format!(
-                                ":path {}",
-                                u.path_and_query().map_or("", |p| p.as_str())
-                            ));
-                            for (k, v) in req.headers() {
-                                lines.push(format!("{k}: {}", v.to_str().unwrap_or("<bin>")));
-                            }
-                            let grpc = req
-                                .headers()
-                                .get("content-type")
-                                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                            let text = lines.join("\n");
-                            seen.lock().unwrap().push(text.clone());
-                            let resp = http::Response::builder().status(200).body(()).unwrap();
-                            let Ok(mut tx) = respond.send_response(resp, false) else {
-                                continue;
-                            };
-                            if grpc {
-                                // gRPC-shaped: the status comes in trailers.
-                                let _ = tx.send_data(bytes::Bytes::from(text), false);
-                                let mut t = http::HeaderMap::new();
-                                t.insert("grpc-status", http::HeaderValue::from_static("0"));
-                                let _ = tx.send_trailers(t);
-                            } else {
-                                let _ = tx.send_data(bytes::Bytes::from(text), true);
-                            }
-                        }
-                    });
-                }
-            });
+        let port = h2c_server(move |req, mut respond| {
+            let u = req.uri();
+            let mut lines = vec![
+                format!(":method {}", req.method()),
+                format!(":scheme {}", u.scheme_str().unwrap_or("-")),
+            ];
+            if let Some(a) = u.authority() {
+                lines.push(format!(":authority {a}"));
+            }
+            lines.push(format!(
+                ":path {}",
+                u.path_and_query().map_or("", |p| p.as_str())
+            ));
+            for (k, v) in req.headers() {
+                lines.push(format!("{k}: {}", v.to_str().unwrap_or("<bin>")));
+            }
+            let grpc = req
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let text = lines.join("\n");
+            s2.lock().unwrap().push(text.clone());
+            let resp = http::Response::builder().status(200).body(()).unwrap();
+            let Ok(mut tx) = respond.send_response(resp, false) else {
+                return;
+            };
+            if grpc {
+                // gRPC-shaped: the status comes in trailers.
+                let _ = tx.send_data(bytes::Bytes::from(text), false);
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let _ = tx.send_trailers(t);
+            } else {
+                let _ = tx.send_data(bytes::Bytes::from(text), true);
+            }
         });
         Self { port, seen }
     }
@@ -334,17 +357,38 @@ pub fn backend(mesh: &Mesh, file: &str, yaml: &str, app_port: u16, mode: &str) -
     let path = mesh.dir.path().join(file);
     std::fs::write(&path, yaml).unwrap();
     let port = super::free_port();
-    let sc = mesh.sidecar(
-        "backend",
-        &mesh.backend_bin.clone(),
-        &[
-            "--inbound".into(),
-            format!("127.0.0.1:{port}={app_port}:{mode}"),
-            "--policy".into(),
-            path.display().to_string(),
-        ],
-    );
-    (sc, port)
+    let inbound = format!("127.0.0.1:{port}={app_port}:{mode}");
+    let policy = ["--policy".into(), path.display().to_string()];
+    (mesh.inbound_backend(&[inbound], &policy), port)
+}
+
+/// A [`backend`] and a frontend sidecar routing to it (expecting the backend's ID): the
+/// backend, the frontend and the frontend's outbound port.
+pub fn through(
+    mesh: &Mesh,
+    file: &str,
+    yaml: &str,
+    app_port: u16,
+    mode: &str,
+) -> (Sidecar, Sidecar, u16) {
+    let (backend, in_port) = backend(mesh, file, yaml, app_port, mode);
+    let backend_id = format!("spiffe://{}/backend", super::proxy::TD);
+    let (frontend, out) = mesh.frontend(in_port, &backend_id);
+    (backend, frontend, out)
+}
+
+/// Each of `reasons` was counted at least once in `svidcar_proxy_http_refused_total`.
+pub fn assert_refusals_counted(backend: &Sidecar, reasons: &[&str]) {
+    for reason in reasons {
+        assert!(
+            backend.metric_sum(&[
+                "svidcar_proxy_http_refused_total",
+                &format!("reason=\"{reason}\"")
+            ]) >= 1.0,
+            "{reason} not counted:\n{}",
+            backend.metrics()
+        );
+    }
 }
 
 /// `GET target` with `Host: public.example` and `extra` header lines.

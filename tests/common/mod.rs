@@ -139,6 +139,43 @@ pub fn venv_python() -> Option<PathBuf> {
     }
 }
 
+/// A child process, killed (and reaped) on drop.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` with stdin, stdout and stderr on `/dev/null`; killed when the guard drops.
+pub fn spawn_quiet(cmd: &mut Command) -> Guard {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    Guard(child)
+}
+
+/// A gRPC channel to the unix socket `socket` (the agent's Workload API and SDS).
+pub async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
+    let p = socket.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .expect("connect to the agent socket")
+}
+
 /// A running `svidcar agent` (killed on drop).
 pub struct Agent {
     pub child: Option<Child>,

@@ -62,15 +62,19 @@ impl Mesh {
     /// A backend sidecar with one strict inbound listener to `app_port`; returns it and the port.
     pub fn backend(&self, app_port: u16, mode: &str) -> (Sidecar, u16) {
         let port = free_port();
-        let sc = self.sidecar(
-            "backend",
-            &self.backend_bin.clone(),
-            &[
-                "--inbound".into(),
-                format!("127.0.0.1:{port}={app_port}:{mode}"),
-            ],
-        );
-        (sc, port)
+        let inbound = format!("127.0.0.1:{port}={app_port}:{mode}");
+        (self.inbound_backend(&[inbound], &[]), port)
+    }
+
+    /// A backend sidecar with one `--inbound` listener per spec of `inbounds`
+    /// (`addr=app_port[:mode]`), then the flags `extra`.
+    pub fn inbound_backend(&self, inbounds: &[String], extra: &[String]) -> Sidecar {
+        let mut args = Vec::new();
+        for spec in inbounds {
+            args.extend(["--inbound".to_string(), spec.clone()]);
+        }
+        args.extend_from_slice(extra);
+        self.sidecar("backend", &self.backend_bin.clone(), &args)
     }
 
     /// A transparent-mode frontend sidecar inside namespace `ns` (listeners on 0.0.0.0:15006 and
@@ -115,17 +119,9 @@ impl Mesh {
         let file = self.dir.path().join("policy.yaml");
         std::fs::write(&file, policy_yaml).unwrap();
         let port = free_port();
-        let sc = self.sidecar(
-            "backend",
-            &self.backend_bin.clone(),
-            &[
-                "--inbound".into(),
-                format!("127.0.0.1:{port}={app_port}:{mode}"),
-                "--policy".into(),
-                file.display().to_string(),
-            ],
-        );
-        (sc, port)
+        let inbound = format!("127.0.0.1:{port}={app_port}:{mode}");
+        let policy = ["--policy".into(), file.display().to_string()];
+        (self.inbound_backend(&[inbound], &policy), port)
     }
 
     /// A frontend sidecar with one outbound route to `upstream_port` expecting `expect`.
