@@ -127,8 +127,8 @@ fn ca_rotation_under_traffic_drops_nothing() {
         &["--ca-ttl", "12s", "--svid-ttl", "2s"],
     );
     let app = TestApp::start("app");
-    let (_backend, in_port) = mesh.backend(app.port, "strict");
-    let (_frontend, port) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
+    let (backend, in_port) = mesh.backend(app.port, "strict");
+    let (frontend, port) = mesh.frontend(in_port, &format!("spiffe://{TD}/backend"));
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = Arc::new(Traffic::default());
     let threads = run_traffic(port, stop.clone(), traffic.clone());
@@ -151,7 +151,12 @@ fn ca_rotation_under_traffic_drops_nothing() {
         "the agent did not switch to the next root within 25 s:\n{}",
         mesh.agent.log_text()
     );
-    let ok = traffic.assert_none_failed(" across the CA rotation");
+    let ok = traffic.assert_none_failed(&format!(
+        " across the CA rotation\nagent:\n{}\nfrontend:\n{}\nbackend:\n{}",
+        mesh.agent.log_text(),
+        frontend.log_text(),
+        backend.log_text()
+    ));
     assert!(
         ok - at_switch.min(ok) >= 50,
         "too few requests after the switch to the new root: {} of {ok}",

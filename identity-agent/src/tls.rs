@@ -331,13 +331,16 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// When the peer's leaf certificate of an established connection expires (`None` without a
-/// parsable peer certificate).
+/// The first instant at which the peer's leaf certificate of an established connection is no
+/// longer valid (`None` without a parsable peer certificate). X.509 times have whole seconds and
+/// the handshake's verification (webpki) compares whole seconds, so a `notAfter` of `T` is valid
+/// through `T.999`: this returns `T + 1 s`, so that a later check agrees with the handshake's
+/// instead of refusing a peer in the last second the handshake accepted.
 pub fn peer_not_after(conn: &CommonState) -> Option<std::time::SystemTime> {
     let leaf = conn.peer_certificates()?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     let secs = cert.validity().not_after.timestamp();
-    let secs = u64::try_from(secs).ok()?;
+    let secs = u64::try_from(secs).ok()?.checked_add(1)?;
     std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
 }
 

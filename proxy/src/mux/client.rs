@@ -358,8 +358,11 @@ impl Pool {
         let (tcp, conn) = tls.get_ref();
         let peer_id = svidcar_agent::tls::peer_spiffe_id(conn);
         let negotiated = crate::tls_session::TlsFacts::of(conn);
-        let not_after = svidcar_agent::tls::peer_not_after(conn)
-            .map_or(own_not_after, |p| p.min(own_not_after));
+        // Both ends of validity as the handshake's verification sees them (whole seconds: a
+        // `notAfter` of T is valid through T.999; see `peer_not_after`).
+        let own_end = own_not_after + Duration::from_secs(1);
+        let not_after =
+            svidcar_agent::tls::peer_not_after(conn).map_or(own_end, |p| p.min(own_end));
         let left = not_after
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
