@@ -38,6 +38,17 @@ pub fn bin_dir() -> Option<PathBuf> {
     None
 }
 
+/// `<bin> healthcheck -socketPath <socket>` succeeds (spire-server and spire-agent alike).
+fn healthcheck(bin: &Path, socket: &Path) -> bool {
+    Command::new(bin)
+        .args(["healthcheck", "-socketPath"])
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn wait_until(what: &str, secs: u64, child: &mut Child, log: &Path, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
@@ -139,15 +150,7 @@ plugins {{
             .expect("start spire-server");
         let socket = dir.join("api.sock");
         let bin = bins.join("spire-server");
-        let healthy = || {
-            Command::new(&bin)
-                .args(["healthcheck", "-socketPath"])
-                .arg(&socket)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
+        let healthy = || healthcheck(&bin, &socket);
         wait_until("spire-server", 60, &mut child, &log, healthy);
         Self {
             child: Some(child),
@@ -299,15 +302,7 @@ plugins {{
             .spawn()
             .expect("start spire-agent");
         let socket = dir.join("workload.sock");
-        let healthy = || {
-            Command::new(&bin)
-                .args(["healthcheck", "-socketPath"])
-                .arg(&socket)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
+        let healthy = || healthcheck(&bin, &socket);
         wait_until("spire-agent", 60, &mut child, &log, healthy);
         Self {
             child: Some(child),
