@@ -326,10 +326,30 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 /// Formats a time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn format_utc(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let (date, rem, _) = civil_utc(t);
+    format!(
+        "{date}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Formats a time as `YYYY-MM-DDTHH:MM:SS.mmmZ` (RFC 3339, UTC, milliseconds).
+pub fn format_utc_millis(t: std::time::SystemTime) -> String {
+    let (date, rem, millis) = civil_utc(t);
+    format!(
+        "{date}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `YYYY-MM-DD`, seconds into that day, and milliseconds of a time (before 1970: the epoch).
+fn civil_utc(t: std::time::SystemTime) -> (String, u64, u32) {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
     let (days, rem) = (secs / 86400, secs % 86400);
     // Civil from days (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -338,15 +358,10 @@ pub fn format_utc(t: std::time::SystemTime) -> String {
     let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
+    let day = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    (format!("{y:04}-{m:02}-{day:02}"), rem, d.subsec_millis())
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
